@@ -1,0 +1,42 @@
+"""POST /v1/chat/completions: translate HTTP to ChatService calls and back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, post
+from litestar.response import Stream
+
+from appliance.api.deps import authenticate, decode_body, services
+from appliance.api.protocol import ChatCompletionRequest
+from appliance.errors import ApplianceError
+
+__all__ = ["chat_completions", "sse"]
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def sse(chunks: AsyncIterator[msgspec.Struct]) -> AsyncIterator[bytes]:
+    """Server-sent events; an error after the first byte becomes an error event."""
+    encoder = msgspec.json.Encoder()
+    try:
+        async for chunk in chunks:
+            yield b"data: " + encoder.encode(chunk) + b"\n\n"
+    except ApplianceError as exc:
+        yield b"data: " + encoder.encode(exc.body()) + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
+    key = await authenticate(request)
+    body = await decode_body(request, ChatCompletionRequest)
+    chat = services(request).chat
+    prepared = await chat.prepare(body, key)
+    if body.stream:
+        return Stream(sse(chat.stream(prepared)), media_type="text/event-stream",
+                      headers=SSE_HEADERS)
+    result = await chat.complete(prepared)
+    return Response(msgspec.json.encode(result), media_type="application/json")

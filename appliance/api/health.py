@@ -1,0 +1,29 @@
+"""GET /health: 503 until the default model can serve, then 200."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get
+
+from appliance.api.deps import services
+
+__all__ = ["health"]
+
+
+class HealthBody(msgspec.Struct, kw_only=True, omit_defaults=True):
+    status: str
+    loading: list[str] = msgspec.field(default_factory=list)
+    error: str = ""
+
+
+@get("/health")
+async def health(request: Request[Any, Any, Any]) -> Response[bytes]:
+    status = services(request).engine.status()
+    if status.ready:
+        return Response(msgspec.json.encode(HealthBody(status="ok")), media_type="application/json")
+    body = HealthBody(status="loading" if not status.error else "error",
+                      loading=status.loading, error=status.error)
+    return Response(msgspec.json.encode(body), status_code=503, media_type="application/json",
+                    headers={"Retry-After": "5"})

@@ -1,0 +1,98 @@
+"""The Litestar application factory; all resources live in the lifespan, none in globals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+
+from appliance.api.chat import chat_completions
+from appliance.api.errors import exception_handlers
+from appliance.api.health import health
+from appliance.api.models import get_model, list_models
+from appliance.engine.llama import LlamaEngine
+from appliance.engine.native import NativeModelConfig
+from appliance.engine.protocol import Engine
+from appliance.engine.registry import ModelRegistry
+from appliance.serving.chat import ChatService
+from appliance.services import Services
+from appliance.settings import Settings
+from appliance.store.db import Database
+from appliance.store.keys import KeyStore
+from appliance.store.usage import UsageStore
+
+__all__ = ["build_engine", "create_app"]
+
+_log = logging.getLogger("appliance")
+
+EngineFactory = Callable[[Settings], Engine]
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The real llama.cpp engine configured from settings."""
+    llama_logger = logging.getLogger("llama-cpp-python")
+    llama_logger.setLevel(logging.DEBUG if settings.log_level == "debug" else logging.ERROR)
+    config = NativeModelConfig(
+        ctx_size=settings.ctx_size,
+        parallel=settings.parallel,
+        batch_size=settings.batch_size,
+        threads=settings.threads,
+        n_gpu_layers=settings.n_gpu_layers,
+    )
+    return LlamaEngine(
+        ModelRegistry(settings.models_dir),
+        config,
+        default_model=settings.default_model,
+        max_queue=settings.max_queue,
+    )
+
+
+def create_app(settings: Settings, engine_factory: EngineFactory = build_engine) -> Litestar:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        db = await Database.open(settings.data_dir)
+        engine = engine_factory(settings)
+        usage = UsageStore(db)
+        services = Services(
+            settings=settings,
+            db=db,
+            engine=engine,
+            keys=KeyStore(db),
+            usage=usage,
+            chat=ChatService(engine, usage, default_max_tokens=settings.default_max_tokens),
+        )
+        app.state.services = services
+        await _greet(services)
+        # Load the default model in the background: the port answers at once and /health
+        # says 503 until the model can serve.
+        loader = asyncio.create_task(engine.start())
+        try:
+            yield
+        finally:
+            loader.cancel()
+            await services.chat.close()
+            await engine.close()
+            await db.close()
+
+    return Litestar(
+        route_handlers=[health, list_models, get_model, chat_completions],
+        lifespan=[lifespan],
+        exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=None,
+    )
+
+
+async def _greet(services: Services) -> None:
+    settings = services.settings
+    host = "localhost" if settings.host in ("0.0.0.0", "::", "127.0.0.1") else settings.host
+    base = f"http://{host}:{settings.port}"
+    _log.info("OpenAI-compatible API: %s/v1  (admin page: %s/admin)", base, base)
+    if await services.keys.count() == 0:
+        _log.info(
+            "No API keys yet. Create one with:  appliance keys create NAME --data-dir %s",
+            settings.data_dir,
+        )

@@ -1,0 +1,195 @@
+"""The real engine: llama.cpp models loaded on demand, each behind a batch scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from appliance.engine.native import NativeModel, NativeModelConfig
+from appliance.engine.protocol import (
+    EngineStatus,
+    Finish,
+    FinishCallback,
+    GenerationEvent,
+    GenerationRequest,
+    ModelInfo,
+)
+from appliance.engine.registry import ModelRegistry
+from appliance.engine.scheduler import BatchScheduler, Job
+from appliance.errors import ModelNotFoundError, OverloadedError
+
+__all__ = ["LlamaEngine", "LoadedModel"]
+
+_log = logging.getLogger(__name__)
+
+
+class LoadedModel:
+    """A model resident in memory; implements ``ModelHandle``."""
+
+    def __init__(self, info: ModelInfo, native: NativeModel, scheduler: BatchScheduler) -> None:
+        self.info = info
+        self.native = native
+        self.scheduler = scheduler
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def context_length(self) -> int:
+        return self.native.n_ctx_seq
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.native.chat_template
+
+    @property
+    def bos_text(self) -> str:
+        return self.native.bos_text
+
+    @property
+    def eos_text(self) -> str:
+        return self.native.eos_text
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.native.tokenize(text, add_special=True)
+
+    async def generate(
+        self, request: GenerationRequest, on_finish: FinishCallback | None = None
+    ) -> AsyncIterator[GenerationEvent]:
+        job = Job(request, asyncio.get_running_loop(), on_finish)
+        self.scheduler.submit(job)
+        try:
+            while True:
+                event = await job.events.get()
+                yield event
+                if isinstance(event, Finish):
+                    return
+        finally:
+            # Reached on normal end, on client disconnect (aclose) and on cancellation alike;
+            # the scheduler drops the sequence at its next step.
+            job.cancel()
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.native.close()
+
+
+class LlamaEngine:
+    """Implements ``Engine`` on llama.cpp."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        config: NativeModelConfig,
+        *,
+        default_model: str = "",
+        max_queue: int = 64,
+        aliases: dict[str, str] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.config = config
+        self.default_model = default_model
+        self.max_queue = max_queue
+        self.aliases = dict(aliases or {})
+        self._loaded: dict[str, LoadedModel] = {}
+        self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
+        self._ready = False
+        self._error = ""
+
+    # -- Engine protocol -------------------------------------------------------------------
+    def models(self) -> list[ModelInfo]:
+        infos = self.registry.scan()
+        for info in infos:
+            loaded = self._loaded.get(info.id)
+            if loaded is not None:
+                info.loaded = True
+                info.context_length = loaded.context_length
+        return infos
+
+    def default_id(self) -> str | None:
+        return self.registry.default_id(self.aliases.get(self.default_model, self.default_model))
+
+    def resolve(self, model: str) -> str:
+        name = model.strip()
+        if not name:
+            default = self.default_id()
+            if default is None:
+                raise ModelNotFoundError("No model is installed", param="model")
+            return default
+        name = self.aliases.get(name, name)
+        lowered = name.lower()
+        for info in self.registry.scan():
+            if info.id == lowered or Path(info.path).name.lower() == lowered:
+                return info.id
+        raise ModelNotFoundError(f"The model '{model}' does not exist", param="model")
+
+    async def get(self, model_id: str) -> LoadedModel:
+        loaded = self._loaded.get(model_id)
+        if loaded is not None:
+            return loaded
+        pending = self._loading.get(model_id)
+        if pending is None:
+            info = self.registry.find(model_id)
+            pending = asyncio.get_running_loop().create_future()
+            self._loading[model_id] = pending
+            try:
+                loaded = await asyncio.to_thread(self._load, info)
+            except Exception as exc:
+                pending.set_exception(exc)
+                pending.exception()  # mark retrieved: other waiters re-raise it themselves
+                raise OverloadedError(
+                    f"Model '{model_id}' could not be loaded: {exc}", retry_after=30
+                ) from exc
+            finally:
+                self._loading.pop(model_id, None)
+            self._loaded[model_id] = loaded
+            pending.set_result(loaded)
+            return loaded
+        try:
+            return await asyncio.shield(pending)
+        except Exception as exc:
+            raise OverloadedError(f"Model '{model_id}' could not be loaded", retry_after=30) from exc
+
+    def status(self) -> EngineStatus:
+        running = sum(m.scheduler.stats.running for m in self._loaded.values())
+        queued = sum(m.scheduler.stats.queued for m in self._loaded.values())
+        return EngineStatus(
+            ready=self._ready,
+            loading=sorted(self._loading),
+            loaded=sorted(self._loaded),
+            running=running,
+            queued=queued,
+            error=self._error,
+        )
+
+    async def start(self) -> None:
+        """Load the default model; /health turns 200 once it can serve."""
+        default = self.default_id()
+        if default is None:
+            self._error = "no model installed"
+            return
+        try:
+            await self.get(default)
+        except Exception as exc:  # the server still starts so the owner can fix it
+            self._error = str(exc)
+            _log.error("could not load the default model %s: %s", default, exc)
+            return
+        self._ready = True
+
+    async def close(self) -> None:
+        models, self._loaded = list(self._loaded.values()), {}
+        for model in models:
+            await asyncio.to_thread(model.close)
+
+    # -- internals -------------------------------------------------------------------------
+    def _load(self, info: ModelInfo) -> LoadedModel:
+        _log.info("loading model %s from %s", info.id, info.path)
+        native = NativeModel(Path(info.path), self.config)
+        scheduler = BatchScheduler(native, max_queue=self.max_queue, name=info.id)
+        info.loaded = True
+        info.context_length = native.n_ctx_seq
+        info.architecture = native.architecture or info.architecture
+        return LoadedModel(info, native, scheduler)

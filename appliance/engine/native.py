@@ -1,0 +1,194 @@
+"""Thin, typed wrappers over llama.cpp's C API (through llama-cpp-python's ctypes bindings).
+
+Only the scheduler thread touches a context after loading; tokenization is read-only on the
+vocabulary and safe from any thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+
+__all__ = ["NativeModel", "NativeModelConfig", "Sampler"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class NativeModelConfig:
+    """How to load one model and size its context."""
+
+    ctx_size: int = 0  # per sequence; 0 = training context capped at 8192
+    parallel: int = 4
+    batch_size: int = 512
+    threads: int = 0
+    n_gpu_layers: int = -1
+
+
+def _meta(model: ctypes.c_void_p, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    if n < 0:
+        return None
+    if n >= len(buf):
+        buf = ctypes.create_string_buffer(n + 1)
+        llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace")
+
+
+class NativeModel:
+    """A loaded llama.cpp model with one multi-sequence context."""
+
+    def __init__(self, path: Path, config: NativeModelConfig) -> None:
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 999 if config.n_gpu_layers < 0 else config.n_gpu_layers
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
+            raise ValueError(f"llama.cpp could not load {path.name}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
+        per_seq = config.ctx_size or min(self.n_ctx_train or 8192, 8192)
+        if self.n_ctx_train:
+            per_seq = min(per_seq, self.n_ctx_train)
+        parallel = max(1, config.parallel)
+        threads = config.threads or (os.cpu_count() or 1)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = per_seq * parallel
+        cparams.n_batch = config.batch_size
+        cparams.n_ubatch = config.batch_size
+        cparams.n_seq_max = parallel
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        # Separate KV streams per sequence: every slot is guaranteed its full context.
+        cparams.kv_unified = False
+        cparams.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise ValueError(f"llama.cpp could not create a context for {path.name}")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_seq = parallel
+        self.n_batch = int(llama_cpp.llama_n_batch(self.ctx))
+        self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self.ctx))
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.architecture = _meta(self.model, "general.architecture") or ""
+        template = llama_cpp.llama_model_chat_template(self.model, None)
+        self.chat_template = template.decode("utf-8", errors="replace") if template else None
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos_text = self._special_text(llama_cpp.llama_vocab_bos(self.vocab))
+        self.eos_text = self._special_text(llama_cpp.llama_vocab_eos(self.vocab))
+        self.size_bytes = int(llama_cpp.llama_model_size(self.model))
+        self.n_params = int(llama_cpp.llama_model_n_params(self.model))
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._piece = ctypes.create_string_buffer(256)
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.piece(token, special=True).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, True)
+        if n < 0:
+            capacity = -n
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), buf, capacity, add_special, True
+            )
+        return list(buf[:n])
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (not thread-safe: the scheduler thread only, or via special)."""
+        buf = self._piece if not special else ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
+        return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+
+    def decode(self) -> int:
+        return int(llama_cpp.llama_decode(self.ctx, self.batch))
+
+    def close(self) -> None:
+        if getattr(self, "batch", None) is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+
+class Sampler:
+    """One sequence's llama.cpp sampler chain (penalties, grammar, truncation, temperature)."""
+
+    def __init__(
+        self,
+        native: NativeModel,
+        *,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        min_p: float,
+        seed: int | None,
+        repeat_penalty: float,
+        frequency_penalty: float,
+        presence_penalty: float,
+        grammar: str | None,
+    ) -> None:
+        self.chain = llama_cpp.llama_sampler_chain_init(
+            llama_cpp.llama_sampler_chain_default_params()
+        )
+        add = llama_cpp.llama_sampler_chain_add
+        if repeat_penalty != 1.0 or frequency_penalty or presence_penalty:
+            add(
+                self.chain,
+                llama_cpp.llama_sampler_init_penalties(
+                    64, repeat_penalty, frequency_penalty, presence_penalty
+                ),
+            )
+        if grammar:
+            grammar_sampler = llama_cpp.llama_sampler_init_grammar(
+                native.vocab, grammar.encode("utf-8"), b"root"
+            )
+            if not grammar_sampler:
+                llama_cpp.llama_sampler_free(self.chain)
+                raise ValueError("the grammar could not be parsed")
+            add(self.chain, grammar_sampler)
+        if temperature <= 0:
+            add(self.chain, llama_cpp.llama_sampler_init_greedy())
+            return
+        if top_k > 0:
+            add(self.chain, llama_cpp.llama_sampler_init_top_k(top_k))
+        if top_p < 1.0:
+            add(self.chain, llama_cpp.llama_sampler_init_top_p(top_p, 1))
+        if min_p > 0.0:
+            add(self.chain, llama_cpp.llama_sampler_init_min_p(min_p, 1))
+        add(self.chain, llama_cpp.llama_sampler_init_temp(temperature))
+        add(self.chain, llama_cpp.llama_sampler_init_dist(0xFFFFFFFF if seed is None else seed))
+
+    def sample(self, native: NativeModel, index: int) -> int:
+        """Sample from the logits at batch position ``index`` and accept the token."""
+        return int(llama_cpp.llama_sampler_sample(self.chain, native.ctx, index))
+
+    def close(self) -> None:
+        if self.chain:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None

@@ -1,0 +1,341 @@
+"""Continuous batching over one llama.cpp context: the only thread that touches it.
+
+Each step builds one ``llama_batch`` holding the next token of every decoding sequence plus a
+chunk of the prompts being prefilled, runs one ``llama_decode``, then samples each sequence
+with its own sampler chain. New requests join at any step; cancelled ones leave at the next.
+A slot keeps the tokens its KV cache holds, so a follow-up turn that shares a prefix only
+processes the new tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from appliance.engine.native import NativeModel, Sampler
+from appliance.engine.protocol import (
+    Finish,
+    FinishCallback,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    TextDelta,
+)
+from appliance.engine.stops import StopBuffer
+from appliance.errors import OverloadedError
+
+__all__ = ["BatchScheduler", "Job", "SchedulerStats"]
+
+_log = logging.getLogger(__name__)
+
+
+class Job:
+    """A request crossing from the event loop to the scheduler thread and back."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        loop: asyncio.AbstractEventLoop,
+        on_finish: FinishCallback | None = None,
+    ) -> None:
+        self.request = request
+        self.loop = loop
+        self.on_finish = on_finish
+        self.events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        self.cancelled = False  # set from the loop; read by the scheduler (a plain bool is atomic)
+        self.enqueued = time.monotonic()
+
+    def emit(self, event: GenerationEvent) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            if isinstance(event, Finish) and self.on_finish is not None:
+                self.loop.call_soon_threadsafe(self.on_finish, event)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is listening any more
+
+    def finish_unstarted(self, reason: FinishReason, message: str = "") -> None:
+        """End a job that never reached a slot (cancelled while queued, or shutdown)."""
+        self.emit(Finish(reason=reason, prompt_tokens=len(self.request.prompt),
+                         completion_tokens=0, message=message))
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass(slots=True)
+class _Sequence:
+    job: Job
+    sampler: Sampler
+    prompt: list[int]
+    prefilled: int  # prompt tokens already in the KV cache
+    cached: int  # prompt tokens reused from an earlier request
+    stops: StopBuffer
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+    last_token: int = -1
+    generated: int = 0
+    unreported: int = 0  # tokens sampled since the last TextDelta
+
+
+@dataclass(slots=True)
+class _Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # what this slot's KV cache holds
+    seq: _Sequence | None = None
+    last_used: float = 0.0
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    running: int = 0
+    queued: int = 0
+    tokens_generated: int = 0
+    prompt_tokens_processed: int = 0
+    prompt_tokens_cached: int = 0
+
+
+class BatchScheduler:
+    """Owns a NativeModel's context; ``submit`` is thread-safe, everything else runs inside."""
+
+    def __init__(
+        self, native: NativeModel, *, max_queue: int, prefill_chunk: int = 256, name: str = ""
+    ) -> None:
+        self.native = native
+        self.max_queue = max_queue
+        self.prefill_chunk = max(1, min(prefill_chunk, native.n_batch))
+        self.slots = [_Slot(seq_id=i) for i in range(native.n_seq)]
+        self.stats = SchedulerStats()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop -------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if len(self._queue) >= self.max_queue:
+                raise OverloadedError(
+                    "The server is busy: too many requests are waiting. Retry shortly.",
+                    retry_after=2,
+                )
+            self._queue.append(job)
+            self.stats.queued = len(self._queue)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and all(s.seq is None for s in self.slots)
+
+    # -- the scheduler thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._queue and self._active() == 0:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    self._admit()
+                self._step()
+        except Exception:  # a bug here must not hang clients: fail everything and log it
+            _log.exception("engine scheduler crashed")
+            self._fail_all("The engine failed; see the server log.")
+        finally:
+            with self._cond:
+                queued = list(self._queue)
+                self._queue.clear()
+            for job in queued:
+                job.finish_unstarted("cancelled", "the server is shutting down")
+            for slot in self.slots:
+                if slot.seq is not None:
+                    self._finish(slot, "cancelled")
+
+    def _active(self) -> int:
+        return sum(1 for s in self.slots if s.seq is not None)
+
+    def _admit(self) -> None:
+        """Move queued jobs into free slots, reusing the longest cached prefix (lock held)."""
+        while self._queue:
+            free = [s for s in self.slots if s.seq is None]
+            if not free:
+                break
+            job = self._queue.popleft()
+            if job.cancelled:
+                job.finish_unstarted("cancelled")  # the client left while queued
+                continue
+            prompt = job.request.prompt
+            slot = max(free, key=lambda s: (_common_prefix(s.tokens, prompt), -s.last_used))
+            self._start(slot, job)
+        self.stats.queued = len(self._queue)
+        self.stats.running = self._active()
+
+    def _start(self, slot: _Slot, job: Job) -> None:
+        prompt = job.request.prompt
+        keep = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1)
+        if keep < len(slot.tokens) and not self.native.seq_rm(slot.seq_id, keep, -1):
+            # Recurrent/hybrid state cannot be truncated: start this slot from scratch.
+            self.native.seq_rm(slot.seq_id, -1, -1)
+            keep = 0
+        del slot.tokens[keep:]
+        sp = job.request.sampling
+        try:
+            sampler = Sampler(
+                self.native,
+                temperature=sp.temperature,
+                top_k=sp.top_k,
+                top_p=sp.top_p,
+                min_p=sp.min_p,
+                seed=sp.seed,
+                repeat_penalty=sp.repeat_penalty,
+                frequency_penalty=sp.frequency_penalty,
+                presence_penalty=sp.presence_penalty,
+                grammar=sp.grammar,
+            )
+        except ValueError as exc:
+            job.finish_unstarted("error", str(exc))
+            return
+        slot.seq = _Sequence(job=job, sampler=sampler, prompt=prompt, prefilled=keep,
+                             cached=keep, stops=StopBuffer(job.request.stop))
+        self.stats.prompt_tokens_cached += keep
+
+    def _step(self) -> None:
+        native = self.native
+        batch = native.batch
+        n = 0
+        samplers: list[tuple[_Slot, int]] = []
+        for slot in self.slots:
+            seq = slot.seq
+            if seq is None:
+                continue
+            if seq.job.cancelled:
+                self._finish(slot, "cancelled")
+                continue
+            if seq.prefilled >= len(seq.prompt):  # decoding: feed the last sampled token
+                n = _put(batch, n, seq.last_token, len(slot.tokens), slot.seq_id, True)
+                slot.tokens.append(seq.last_token)
+                samplers.append((slot, n - 1))
+        decoding = n
+        budget = native.n_batch - n
+        if decoding:
+            # Keep running streams moving: a long prompt is fed in chunks between their tokens.
+            budget = min(budget, self.prefill_chunk)
+        for slot in self.slots:
+            seq = slot.seq
+            if seq is None or seq.prefilled >= len(seq.prompt) or budget <= 0:
+                continue
+            take = min(budget, len(seq.prompt) - seq.prefilled)
+            for token in seq.prompt[seq.prefilled : seq.prefilled + take]:
+                last = seq.prefilled + 1 == len(seq.prompt)
+                n = _put(batch, n, token, len(slot.tokens), slot.seq_id, last)
+                slot.tokens.append(token)
+                seq.prefilled += 1
+            budget -= take
+            self.stats.prompt_tokens_processed += take
+            if seq.prefilled == len(seq.prompt):
+                samplers.append((slot, n - 1))
+        if n == 0:
+            return
+        batch.n_tokens = n
+        rc = native.decode()
+        if rc != 0:
+            _log.error("llama_decode returned %d", rc)
+            for slot in self.slots:
+                if slot.seq is not None:
+                    self._finish(slot, "error", f"llama_decode failed ({rc})")
+                    native.seq_rm(slot.seq_id, -1, -1)
+                    slot.tokens.clear()
+            return
+        for slot, index in samplers:
+            self._sample(slot, index)
+
+    def _sample(self, slot: _Slot, index: int) -> None:
+        seq = slot.seq
+        assert seq is not None
+        native = self.native
+        token = seq.sampler.sample(native, index)
+        seq.generated += 1
+        seq.unreported += 1
+        self.stats.tokens_generated += 1
+        if native.is_eog(token):
+            self._finish(slot, "stop")
+            return
+        seq.last_token = token
+        text = seq.stops.push(seq.decoder.decode(native.piece(token)))
+        if seq.stops.stopped:
+            self._emit_text(seq, text)
+            self._finish(slot, "stop")
+            return
+        self._emit_text(seq, text)
+        limit_hit = seq.generated >= seq.job.request.max_tokens
+        context_full = len(slot.tokens) + 1 >= native.n_ctx_seq
+        if limit_hit or context_full:
+            self._finish(slot, "length")
+
+    def _emit_text(self, seq: _Sequence, text: str) -> None:
+        if text:
+            seq.job.emit(TextDelta(text=text, tokens=seq.unreported))
+            seq.unreported = 0
+
+    def _finish(self, slot: _Slot, reason: FinishReason, message: str = "") -> None:
+        seq = slot.seq
+        assert seq is not None
+        if reason in ("stop", "length"):
+            tail = seq.stops.push(seq.decoder.decode(b"", final=True))
+            tail += seq.stops.flush()
+            self._emit_text(seq, tail)
+        seq.sampler.close()
+        seq.job.emit(
+            Finish(
+                reason=reason,
+                prompt_tokens=len(seq.prompt),
+                completion_tokens=seq.generated,
+                cached_tokens=seq.cached,
+                message=message,
+            )
+        )
+        slot.seq = None
+        slot.last_used = time.monotonic()
+        self.stats.running = self._active()
+
+    def _fail_all(self, message: str) -> None:
+        with self._cond:
+            queued = list(self._queue)
+            self._queue.clear()
+        for job in queued:
+            job.finish_unstarted("error", message)
+        for slot in self.slots:
+            if slot.seq is not None:
+                self._finish(slot, "error", message)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _put(batch: object, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:
+    """Append one token to a llama_batch; return the new token count."""
+    b = batch.contents if hasattr(batch, "contents") else batch
+    b.token[n] = token  # type: ignore[attr-defined]
+    b.pos[n] = pos  # type: ignore[attr-defined]
+    b.n_seq_id[n] = 1  # type: ignore[attr-defined]
+    b.seq_id[n][0] = seq_id  # type: ignore[attr-defined]
+    b.logits[n] = logits  # type: ignore[attr-defined]
+    return n + 1
+

@@ -1,0 +1,24 @@
+"""What the running app holds: built in the lifespan, stored on ``app.state.services``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from appliance.engine.protocol import Engine
+from appliance.serving.chat import ChatService
+from appliance.settings import Settings
+from appliance.store.db import Database
+from appliance.store.keys import KeyStore
+from appliance.store.usage import UsageStore
+
+__all__ = ["Services"]
+
+
+@dataclass(slots=True)
+class Services:
+    settings: Settings
+    db: Database
+    engine: Engine
+    keys: KeyStore
+    usage: UsageStore
+    chat: ChatService

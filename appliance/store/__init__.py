@@ -1,0 +1,1 @@
+"""SQLite state: keys, usage ledger and the owner's runtime settings."""

@@ -1,0 +1,80 @@
+"""Numbered schema migrations, applied in order and recorded in ``_migrations``.
+
+Add a new ``mNNN_name`` function at the end; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import aiosqlite
+
+__all__ = ["MIGRATIONS", "apply_migrations"]
+
+Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
+MIGRATIONS: list[tuple[str, Migration]] = []
+
+
+def migration(fn: Migration) -> Migration:
+    MIGRATIONS.append((fn.__name__, fn))
+    return fn
+
+
+async def _run_script(db: aiosqlite.Connection, script: str) -> None:
+    # Not executescript(): it COMMITs first, which would split the migration's transaction.
+    for statement in script.split(";"):
+        if statement.strip():
+            await db.execute(statement)
+
+
+@migration
+async def m001_initial(db: aiosqlite.Connection) -> None:
+    await _run_script(
+        db,
+        """
+        CREATE TABLE keys (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL,            -- shown in lists, e.g. apl_4fTq9Xz2
+            hash TEXT NOT NULL UNIQUE,       -- sha256 of the whole key (the key itself is never stored)
+            created TEXT NOT NULL,           -- ISO 8601, UTC
+            last_used TEXT,
+            revoked TEXT,                    -- when it was revoked, or NULL
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            requests INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE usage_events (
+            id INTEGER PRIMARY KEY,
+            key_id INTEGER REFERENCES keys(id),
+            model TEXT NOT NULL,
+            status TEXT NOT NULL,            -- ok, length, cancelled, error
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+            cached_tokens INTEGER NOT NULL DEFAULT 0,
+            started TEXT NOT NULL,
+            finished TEXT NOT NULL
+        );
+        CREATE INDEX usage_events_key ON usage_events(key_id, finished);
+        CREATE TABLE owner_settings (
+            name TEXT PRIMARY KEY,
+            value TEXT NOT NULL              -- JSON
+        );
+        """
+    )
+
+
+async def apply_migrations(db: aiosqlite.Connection) -> None:
+    """Create the bookkeeping table and run every migration not yet recorded."""
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied TEXT NOT NULL)"
+    )
+    async with db.execute("SELECT name FROM _migrations") as cursor:
+        done = {row[0] for row in await cursor.fetchall()}
+    for name, fn in MIGRATIONS:
+        if name not in done:
+            await fn(db)
+            await db.execute(
+                "INSERT INTO _migrations (name, applied) VALUES (?, datetime('now'))", (name,)
+            )
