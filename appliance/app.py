@@ -17,8 +17,8 @@ from appliance.engine.llama import LlamaEngine
 from appliance.engine.native import NativeModelConfig
 from appliance.engine.protocol import Engine
 from appliance.engine.registry import ModelRegistry
-from appliance.serving.chat import ChatService
 from appliance.services import Services
+from appliance.serving.chat import ChatService
 from appliance.settings import Settings
 from appliance.store.db import Database
 from appliance.store.keys import KeyStore

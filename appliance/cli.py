@@ -30,11 +30,17 @@ class CliError(Exception):
 
 
 def _add_dirs(parser: argparse.ArgumentParser, *, models: bool = False) -> None:
-    parser.add_argument("--data-dir", type=Path, help=FIELD_DOCS["data_dir"] +
-                        " [env APPLIANCE_DATA_DIR, default ./data]")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help=FIELD_DOCS["data_dir"] + " [env APPLIANCE_DATA_DIR, default ./data]",
+    )
     if models:
-        parser.add_argument("--models-dir", type=Path, help=FIELD_DOCS["models_dir"] +
-                            " [env APPLIANCE_MODELS_DIR, default ./models]")
+        parser.add_argument(
+            "--models-dir",
+            type=Path,
+            help=FIELD_DOCS["models_dir"] + " [env APPLIANCE_MODELS_DIR, default ./models]",
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,15 +49,30 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the OpenAI-compatible server")
     _add_dirs(serve, models=True)
-    for name in ("host", "port", "default_model", "threads", "ctx_size", "parallel",
-                 "batch_size", "n_gpu_layers", "max_body_bytes", "max_queue",
-                 "default_max_tokens", "log_level"):
+    for name in (
+        "host",
+        "port",
+        "default_model",
+        "threads",
+        "ctx_size",
+        "parallel",
+        "batch_size",
+        "n_gpu_layers",
+        "max_body_bytes",
+        "max_queue",
+        "default_max_tokens",
+        "log_level",
+    ):
         field_type = type(getattr(Settings(), name))
-        serve.add_argument("--" + name.replace("_", "-"), type=field_type,
-                           help=f"{FIELD_DOCS[name]} [env APPLIANCE_{name.upper()}]")
+        serve.add_argument(
+            "--" + name.replace("_", "-"),
+            type=field_type,
+            help=f"{FIELD_DOCS[name]} [env APPLIANCE_{name.upper()}]",
+        )
 
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
-        dest="keys_command", required=True)
+        dest="keys_command", required=True
+    )
     create = keys.add_parser("create", help="create a key; prints it once, on the last line")
     create.add_argument("name")
     _add_dirs(create)
@@ -63,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_dirs(revoke)
 
     models = commands.add_parser("models", help="list models").add_subparsers(
-        dest="models_command", required=True)
+        dest="models_command", required=True
+    )
     mlist = models.add_parser("list", help="list the GGUF models this box can serve")
     mlist.add_argument("--json", action="store_true", help="print a JSON array")
     _add_dirs(mlist, models=True)
@@ -92,8 +114,10 @@ def _print_keys(keys: list[KeySummary], as_json: bool) -> None:
         return
     print(f"{'NAME':20} {'PREFIX':14} {'CREATED':25} {'REVOKED':8} {'PROMPT':>9} {'COMPL':>9}")
     for k in keys:
-        print(f"{k.name:20} {k.prefix:14} {k.created:25} {('yes' if k.revoked else 'no'):8} "
-              f"{k.prompt_tokens:>9} {k.completion_tokens:>9}")
+        print(
+            f"{k.name:20} {k.prefix:14} {k.created:25} {('yes' if k.revoked else 'no'):8} "
+            f"{k.prompt_tokens:>9} {k.completion_tokens:>9}"
+        )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -106,8 +130,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "keys":
         if args.keys_command == "create":
             key, summary = asyncio.run(_with_keys(settings, lambda ks: ks.create(args.name)))
-            print(f"Created key '{summary.name}' ({summary.prefix}...). "
-                  "Store it now: it is not shown again.")
+            print(
+                f"Created key '{summary.name}' ({summary.prefix}...). "
+                "Store it now: it is not shown again."
+            )
             print(key)
         elif args.keys_command == "list":
             _print_keys(asyncio.run(_with_keys(settings, lambda ks: ks.list())), args.json)
@@ -123,15 +149,19 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{'ID':40} {'ARCH':12} {'CONTEXT':>8} {'SIZE MB':>8}  SOURCE")
             for m in infos:
                 source = "embedded" if m.embedded else m.path
-                print(f"{m.id:40} {m.architecture:12} {m.context_length:>8} "
-                      f"{m.size_bytes / 1e6:>8.1f}  {source}")
+                print(
+                    f"{m.id:40} {m.architecture:12} {m.context_length:>8} "
+                    f"{m.size_bytes / 1e6:>8.1f}  {source}"
+                )
         return 0
     raise CliError(f"unknown command {args.command}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return _run(args)
     except (CliError, ApplianceError) as exc:

@@ -85,7 +85,7 @@ class ApplianceError(Exception):
 class InvalidRequestError(ApplianceError):
     status_code = 400
     error_type = "invalid_request_error"
-    code = None
+    code: str | None = None
 
 
 class ContextLengthExceededError(InvalidRequestError):

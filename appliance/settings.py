@@ -6,6 +6,7 @@ limits) lives in SQLite instead; this Struct only holds what is fixed for one pr
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +35,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """Directory scanned for ``*.gguf`` files; each becomes a model id (lower-case stem)."""
 
     default_model: str = ""
-    """Model id served when a request names none; empty = first model found, else the embedded one."""
+    """Model id (or alias) used when a request names none; empty = first GGUF, else embedded."""
 
     threads: int = 0
     """llama.cpp CPU threads per model; 0 = number of CPU cores."""
@@ -72,7 +73,7 @@ def _field_docs() -> dict[str, str]:
     tree = ast.parse(inspect.getsource(Settings))
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, following in zip(body, body[1:], strict=False):
+    for node, following in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -89,7 +90,7 @@ FIELD_DOCS = _field_docs()
 def load_settings(
     overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    """Build Settings: explicit ``overrides`` (CLI flags) win over env vars, which win over defaults.
+    """Build Settings: ``overrides`` (CLI flags) win over env vars, which win over defaults.
 
     Values from the environment are strings; msgspec converts them to each field's type and
     raises ``msgspec.ValidationError`` naming the field when one does not fit.

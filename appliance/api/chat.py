@@ -36,7 +36,8 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
     chat = services(request).chat
     prepared = await chat.prepare(body, key)
     if body.stream:
-        return Stream(sse(chat.stream(prepared)), media_type="text/event-stream",
-                      headers=SSE_HEADERS)
+        return Stream(
+            sse(chat.stream(prepared)), media_type="text/event-stream", headers=SSE_HEADERS
+        )
     result = await chat.complete(prepared)
     return Response(msgspec.json.encode(result), media_type="application/json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import msgspec
 from litestar import MediaType, Request, Response
@@ -49,11 +50,11 @@ def validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> Appl
     return InvalidRequestError(text, param=param)
 
 
-def _appliance_error(_: Request[object, object, object], exc: ApplianceError) -> Response[bytes]:
+def _appliance_error(_: Request[Any, Any, Any], exc: ApplianceError) -> Response[bytes]:
     return _json(exc.body(), exc.status_code, exc.headers())
 
 
-def _http_error(_: Request[object, object, object], exc: HTTPException) -> Response[bytes]:
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     status = exc.status_code
     error_type, code = _HTTP_CODES.get(status, ("server_error", None))
     detail = exc.detail or "Error"
@@ -63,7 +64,7 @@ def _http_error(_: Request[object, object, object], exc: HTTPException) -> Respo
     return _json(body, status, dict(exc.headers or {}))
 
 
-def _unexpected(_: Request[object, object, object], exc: Exception) -> Response[bytes]:
+def _unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     _log.exception("unhandled error", exc_info=exc)
     body = ErrorBody(ErrorDetail("The server had an internal error", "server_error", None, None))
     return _json(body, 500)

@@ -23,7 +23,14 @@ async def health(request: Request[Any, Any, Any]) -> Response[bytes]:
     status = services(request).engine.status()
     if status.ready:
         return Response(msgspec.json.encode(HealthBody(status="ok")), media_type="application/json")
-    body = HealthBody(status="loading" if not status.error else "error",
-                      loading=status.loading, error=status.error)
-    return Response(msgspec.json.encode(body), status_code=503, media_type="application/json",
-                    headers={"Retry-After": "5"})
+    body = HealthBody(
+        status="loading" if not status.error else "error",
+        loading=status.loading,
+        error=status.error,
+    )
+    return Response(
+        msgspec.json.encode(body),
+        status_code=503,
+        media_type="application/json",
+        headers={"Retry-After": "5"},
+    )

@@ -143,9 +143,7 @@ class Usage(msgspec.Struct, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_tokens_details: PromptTokensDetails = msgspec.field(
-        default_factory=PromptTokensDetails
-    )
+    prompt_tokens_details: PromptTokensDetails = msgspec.field(default_factory=PromptTokensDetails)
     completion_tokens_details: CompletionTokensDetails = msgspec.field(
         default_factory=CompletionTokensDetails
     )

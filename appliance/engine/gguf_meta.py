@@ -15,8 +15,19 @@ __all__ = ["GGUFError", "read_gguf_metadata"]
 
 _MAGIC = b"GGUF"
 # GGUF value types -> struct format (scalars only; 8 = string, 9 = array).
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-            11: "<q", 12: "<d"}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 # Keys whose (possibly huge) string value we keep; other long strings are truncated.
 _KEEP_LONG = {"tokenizer.chat_template"}

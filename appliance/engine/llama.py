@@ -151,7 +151,8 @@ class LlamaEngine:
         try:
             return await asyncio.shield(pending)
         except Exception as exc:
-            raise OverloadedError(f"Model '{model_id}' could not be loaded", retry_after=30) from exc
+            message = f"Model '{model_id}' could not be loaded"
+            raise OverloadedError(message, retry_after=30) from exc
 
     def status(self) -> EngineStatus:
         running = sum(m.scheduler.stats.running for m in self._loaded.values())

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from appliance.engine.native import NativeModel, Sampler
 from appliance.engine.protocol import (
@@ -60,8 +61,14 @@ class Job:
 
     def finish_unstarted(self, reason: FinishReason, message: str = "") -> None:
         """End a job that never reached a slot (cancelled while queued, or shutdown)."""
-        self.emit(Finish(reason=reason, prompt_tokens=len(self.request.prompt),
-                         completion_tokens=0, message=message))
+        self.emit(
+            Finish(
+                reason=reason,
+                prompt_tokens=len(self.request.prompt),
+                completion_tokens=0,
+                message=message,
+            )
+        )
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -207,8 +214,14 @@ class BatchScheduler:
         except ValueError as exc:
             job.finish_unstarted("error", str(exc))
             return
-        slot.seq = _Sequence(job=job, sampler=sampler, prompt=prompt, prefilled=keep,
-                             cached=keep, stops=StopBuffer(job.request.stop))
+        slot.seq = _Sequence(
+            job=job,
+            sampler=sampler,
+            prompt=prompt,
+            prefilled=keep,
+            cached=keep,
+            stops=StopBuffer(job.request.stop),
+        )
         self.stats.prompt_tokens_cached += keep
 
     def _step(self) -> None:
@@ -329,13 +342,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def _put(batch: object, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:
-    """Append one token to a llama_batch; return the new token count."""
-    b = batch.contents if hasattr(batch, "contents") else batch
-    b.token[n] = token  # type: ignore[attr-defined]
-    b.pos[n] = pos  # type: ignore[attr-defined]
-    b.n_seq_id[n] = 1  # type: ignore[attr-defined]
-    b.seq_id[n][0] = seq_id  # type: ignore[attr-defined]
-    b.logits[n] = logits  # type: ignore[attr-defined]
+def _put(batch: Any, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:
+    """Append one token to a llama_batch (a ctypes struct); return the new token count."""
+    batch.token[n] = token
+    batch.pos[n] = pos
+    batch.n_seq_id[n] = 1
+    batch.seq_id[n][0] = seq_id
+    batch.logits[n] = logits
     return n + 1
-

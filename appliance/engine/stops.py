@@ -20,9 +20,7 @@ class StopBuffer:
         if not self.stops:
             return text
         self.pending += text
-        first = min(
-            (i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1
-        )
+        first = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
         if first >= 0:
             self.stopped = True
             out, self.pending = self.pending[:first], ""

@@ -6,24 +6,29 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal
 
 import msgspec
+from msgspec import UNSET
 
 from appliance.api.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatMessage,
     Choice,
     ChunkChoice,
     CompletionTokensDetails,
     Delta,
+    FunctionCall,
     PromptTokensDetails,
     ResponseMessage,
+    ToolCall,
+    ToolCallChunk,
+    ToolCallFunctionChunk,
     Usage,
 )
+from appliance.engine.parsers import ParsedDelta
 from appliance.engine.protocol import (
     Engine,
     Finish,
@@ -33,7 +38,8 @@ from appliance.engine.protocol import (
     TextDelta,
 )
 from appliance.engine.templates import ChatTemplate
-from appliance.errors import ApplianceError, ContextLengthExceededError, InvalidRequestError
+from appliance.errors import ApplianceError, ContextLengthExceededError
+from appliance.serving.prompts import OutputPlan, render_prompt
 from appliance.store.keys import ApiKey, utcnow
 from appliance.store.usage import UsageRecord, UsageStore
 
@@ -41,7 +47,7 @@ __all__ = ["ChatService", "PreparedChat"]
 
 _log = logging.getLogger(__name__)
 
-_FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
+FinishReasonOut = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
 class PreparedChat(msgspec.Struct, kw_only=True):
@@ -54,47 +60,7 @@ class PreparedChat(msgspec.Struct, kw_only=True):
     generation: GenerationRequest
     key: ApiKey | None
     started: str
-
-
-def _text_of(message: ChatMessage) -> str | None:
-    content = message.content
-    if content is None or isinstance(content, str):
-        return content
-    parts = []
-    for part in content:
-        if part.type != "text":
-            raise InvalidRequestError(
-                f"Content parts of type '{part.type}' are not supported by this model; "
-                "send text parts only",
-                param="messages",
-            )
-        parts.append(part.text or "")
-    return "".join(parts)
-
-
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """OpenAI messages -> the plain dicts chat templates expect (content always a string)."""
-    out: list[dict[str, Any]] = []
-    for m in messages:
-        item: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
-        item["content"] = _text_of(m) or ""
-        if m.name is not None:
-            item["name"] = m.name
-        if m.tool_call_id is not None:
-            item["tool_call_id"] = m.tool_call_id
-        if m.reasoning_content:
-            item["reasoning_content"] = m.reasoning_content
-        if m.tool_calls:
-            item["tool_calls"] = [
-                {
-                    "id": c.id,
-                    "type": "function",
-                    "function": {"name": c.function.name, "arguments": c.function.arguments},
-                }
-                for c in m.tool_calls
-            ]
-        out.append(item)
-    return out
+    plan: OutputPlan
 
 
 class ChatService:
@@ -119,11 +85,8 @@ class ChatService:
     async def prepare(self, request: ChatCompletionRequest, key: ApiKey | None) -> PreparedChat:
         model_id = self.engine.resolve(request.model)
         model = await self.engine.get(model_id)
-        prompt_text = self._template(model).render(
-            template_messages(request.messages),
-            extra=request.chat_template_kwargs,
-        )
-        prompt = await asyncio.to_thread(model.tokenize, prompt_text)
+        rendered = render_prompt(request, self._template(model))
+        prompt = await asyncio.to_thread(model.tokenize, rendered.text)
         window = model.context_length
         if len(prompt) >= window:
             raise ContextLengthExceededError(
@@ -142,55 +105,81 @@ class ChatService:
             model=model,
             request=request,
             generation=GenerationRequest(
-                prompt=prompt, max_tokens=max_tokens, sampling=_sampling(request), stop=stops
+                prompt=prompt,
+                max_tokens=max_tokens,
+                sampling=_sampling(request, rendered.plan.grammar),
+                stop=stops,
             ),
+            plan=rendered.plan,
             key=key,
             started=utcnow(),
         )
 
     async def complete(self, chat: PreparedChat) -> ChatCompletion:
-        parts: list[str] = []
+        parser = chat.plan.parser()
+        content: list[str] = []
+        reasoning: list[str] = []
+        reasoning_tokens = 0
         finish: Finish | None = None
         async for event in self._events(chat):
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            else:
+            if isinstance(event, Finish):
                 finish = event
+                parsed = parser.finish()
+            else:
+                if parser.in_reasoning:
+                    reasoning_tokens += event.tokens
+                parsed = parser.feed(event.text)
+            content.append(parsed.content)
+            reasoning.append(parsed.reasoning)
         assert finish is not None
         if finish.reason == "error":
             raise ApplianceError(f"Generation failed: {finish.message}")
+        calls = [
+            ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            for c in parser.tool_calls
+        ]
+        text = "".join(content)
+        thought = "".join(reasoning)
+        message = ResponseMessage(
+            content=text if text or not calls else None,
+            role="assistant",
+            reasoning_content=thought if thought else UNSET,
+            tool_calls=calls if calls else UNSET,
+        )
         return ChatCompletion(
             id=chat.id,
             created=chat.created,
             model=chat.model.id,
-            choices=[
-                Choice(
-                    index=0,
-                    message=ResponseMessage(content="".join(parts), role="assistant"),
-                    finish_reason=_FINISH_REASONS[finish.reason],  # type: ignore[arg-type]
-                )
-            ],
-            usage=_usage(finish),
+            choices=[Choice(index=0, message=message, finish_reason=_finish_reason(finish, calls))],
+            usage=_usage(finish, reasoning_tokens),
         )
 
     async def stream(self, chat: PreparedChat) -> AsyncIterator[ChatCompletionChunk]:
-        def chunk(delta: Delta, finish_reason: str | None = None) -> ChatCompletionChunk:
+        def chunk(
+            delta: Delta, finish_reason: FinishReasonOut | None = None
+        ) -> ChatCompletionChunk:
             return ChatCompletionChunk(
                 id=chat.id,
                 created=chat.created,
                 model=chat.model.id,
-                choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],  # type: ignore[arg-type]
+                choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
             )
 
+        parser = chat.plan.parser()
+        reasoning_tokens = 0
         yield chunk(Delta(role="assistant", content=""))
         async for event in self._events(chat):
             if isinstance(event, TextDelta):
-                if event.text:
-                    yield chunk(Delta(content=event.text))
+                if parser.in_reasoning:
+                    reasoning_tokens += event.tokens
+                for delta in _deltas(parser.feed(event.text)):
+                    yield chunk(delta)
                 continue
             if event.reason == "error":
                 raise ApplianceError(f"Generation failed: {event.message}")
-            yield chunk(Delta(), _FINISH_REASONS[event.reason])
+            for delta in _deltas(parser.finish()):
+                yield chunk(delta)
+            yield chunk(Delta(), _finish_reason(event, parser.tool_calls))
             options = chat.request.stream_options
             if options is not None and options.include_usage:
                 yield ChatCompletionChunk(
@@ -198,7 +187,7 @@ class ChatService:
                     created=chat.created,
                     model=chat.model.id,
                     choices=[],
-                    usage=_usage(event),
+                    usage=_usage(event, reasoning_tokens),
                 )
 
     def _events(self, chat: PreparedChat) -> AsyncIterator[TextDelta | Finish]:
@@ -232,8 +221,8 @@ class ChatService:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
 
-def _sampling(request: ChatCompletionRequest) -> SamplingParams:
-    values: dict[str, Any] = {}
+def _sampling(request: ChatCompletionRequest, grammar: str | None) -> SamplingParams:
+    values: dict[str, Any] = {"grammar": grammar}
     for name in (
         "temperature",
         "top_p",
@@ -250,11 +239,45 @@ def _sampling(request: ChatCompletionRequest) -> SamplingParams:
     return SamplingParams(**values)
 
 
-def _usage(finish: Finish) -> Usage:
+def _usage(finish: Finish, reasoning_tokens: int) -> Usage:
     return Usage(
         prompt_tokens=finish.prompt_tokens,
         completion_tokens=finish.completion_tokens,
         total_tokens=finish.prompt_tokens + finish.completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=finish.cached_tokens),
-        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=0),
+        completion_tokens_details=CompletionTokensDetails(
+            reasoning_tokens=min(reasoning_tokens, finish.completion_tokens)
+        ),
     )
+
+
+def _finish_reason(finish: Finish, calls: Sequence[object]) -> FinishReasonOut:
+    if finish.reason == "length":
+        return "length"
+    return "tool_calls" if calls else "stop"
+
+
+def _deltas(parsed: ParsedDelta) -> list[Delta]:
+    """Text first, then one chunk per tool-call piece (as OpenAI streams them)."""
+    deltas = []
+    if parsed.reasoning or parsed.content:
+        delta = Delta()
+        if parsed.reasoning:
+            delta.reasoning_content = parsed.reasoning
+        if parsed.content:
+            delta.content = parsed.content
+        deltas.append(delta)
+    for c in parsed.tool_calls:
+        if c.id is not None and c.name is not None:
+            piece = ToolCallChunk(
+                index=c.index,
+                id=c.id,
+                type="function",
+                function=ToolCallFunctionChunk(name=c.name, arguments=c.arguments),
+            )
+        else:
+            piece = ToolCallChunk(
+                index=c.index, function=ToolCallFunctionChunk(arguments=c.arguments)
+            )
+        deltas.append(Delta(tool_calls=[piece]))
+    return deltas

@@ -36,7 +36,7 @@ async def m001_initial(db: aiosqlite.Connection) -> None:
             id INTEGER PRIMARY KEY,
             name TEXT NOT NULL UNIQUE,
             prefix TEXT NOT NULL,            -- shown in lists, e.g. apl_4fTq9Xz2
-            hash TEXT NOT NULL UNIQUE,       -- sha256 of the whole key (the key itself is never stored)
+            hash TEXT NOT NULL UNIQUE,       -- sha256 of the key (never the key itself)
             created TEXT NOT NULL,           -- ISO 8601, UTC
             last_used TEXT,
             revoked TEXT,                    -- when it was revoked, or NULL
@@ -61,7 +61,7 @@ async def m001_initial(db: aiosqlite.Connection) -> None:
             name TEXT PRIMARY KEY,
             value TEXT NOT NULL              -- JSON
         );
-        """
+        """,
     )
 
 
