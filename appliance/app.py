@@ -22,7 +22,8 @@ from appliance.serving.chat import ChatService
 from appliance.settings import Settings
 from appliance.store.db import Database
 from appliance.store.keys import KeyStore
-from appliance.store.usage import UsageStore
+from appliance.store.ledger import Ledger
+from appliance.store.owner import OwnerSettings
 
 __all__ = ["build_engine", "create_app"]
 
@@ -55,14 +56,18 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         db = await Database.open(settings.data_dir)
         engine = engine_factory(settings)
-        usage = UsageStore(db)
+        ledger = Ledger(db)
+        voided = await ledger.recover()
+        if voided:
+            _log.warning("voided %d reservations left pending by an earlier crash", voided)
         services = Services(
             settings=settings,
             db=db,
             engine=engine,
             keys=KeyStore(db),
-            usage=usage,
-            chat=ChatService(engine, usage, default_max_tokens=settings.default_max_tokens),
+            ledger=ledger,
+            owner=OwnerSettings(db),
+            chat=ChatService(engine, ledger, default_max_tokens=settings.default_max_tokens),
         )
         app.state.services = services
         await _greet(services)
@@ -91,6 +96,14 @@ async def _greet(services: Services) -> None:
     host = "localhost" if settings.host in ("0.0.0.0", "::", "127.0.0.1") else settings.host
     base = f"http://{host}:{settings.port}"
     _log.info("OpenAI-compatible API: %s/v1  (admin page: %s/admin)", base, base)
+    password = await services.owner.ensure_admin_password()
+    if password is not None:
+        # Printed once, on first start; only its scrypt hash is stored.
+        print(
+            f"Admin password (shown once; change it with 'appliance admin set-password'): "
+            f"{password}",
+            flush=True,
+        )
     if await services.keys.count() == 0:
         _log.info(
             "No API keys yet. Create one with:  appliance keys create NAME --data-dir %s",

@@ -9,7 +9,8 @@ from appliance.serving.chat import ChatService
 from appliance.settings import Settings
 from appliance.store.db import Database
 from appliance.store.keys import KeyStore
-from appliance.store.usage import UsageStore
+from appliance.store.ledger import Ledger
+from appliance.store.owner import OwnerSettings
 
 __all__ = ["Services"]
 
@@ -20,5 +21,6 @@ class Services:
     db: Database
     engine: Engine
     keys: KeyStore
-    usage: UsageStore
+    ledger: Ledger
+    owner: OwnerSettings
     chat: ChatService

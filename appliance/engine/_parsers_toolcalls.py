@@ -61,11 +61,33 @@ def _schema_types(schema: Any) -> set[str]:
     return types
 
 
+def _deref(schema: Any, root: Mapping[str, Any], depth: int = 0) -> Any:
+    """Follows local ``$ref``s (``#/$defs/...``) so a referenced parameter's type is known."""
+    for _ in range(32):
+        ref = schema.get("$ref") if isinstance(schema, Mapping) else None
+        if not isinstance(ref, str) or not ref.startswith("#/"):
+            break
+        target: Any = root
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            target = target.get(part) if isinstance(target, Mapping) else None
+        schema = target
+    if isinstance(schema, Mapping) and depth < 8:
+        for key in ("anyOf", "oneOf"):
+            options = schema.get(key)
+            if isinstance(options, list):
+                schema = {**schema, key: [_deref(option, root, depth + 1) for option in options]}
+    return schema
+
+
 def _properties(schemas: Schemas, name: str) -> Mapping[str, Any]:
     if schemas is None:
         return {}
-    props = schemas.get(name, {}).get("properties")
-    return props if isinstance(props, Mapping) else {}
+    root = schemas.get(name, {})
+    props = root.get("properties")
+    if not isinstance(props, Mapping):
+        return {}
+    return {key: _deref(prop, root) for key, prop in props.items()}
 
 
 def _convert(raw: str, schema: Any) -> Any:

@@ -66,11 +66,15 @@ class LoadedModel:
                 event = await job.events.get()
                 yield event
                 if isinstance(event, Finish):
+                    job.deliver()  # the consumer has handled the final event
                     return
         finally:
             # Reached on normal end, on client disconnect (aclose) and on cancellation alike;
-            # the scheduler drops the sequence at its next step.
+            # the scheduler drops the sequence at its next step and its Finish then reaches
+            # on_finish with the tokens actually generated.
+            job.consumer_gone = True
             job.cancel()
+            job.deliver()
 
     def close(self) -> None:
         self.scheduler.stop()

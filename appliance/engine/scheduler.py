@@ -50,14 +50,35 @@ class Job:
         self.events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self.cancelled = False  # set from the loop; read by the scheduler (a plain bool is atomic)
         self.enqueued = time.monotonic()
+        # Loop-thread state: on_finish runs once, after the consumer has handled the Finish
+        # event, or as soon as both the Finish exists and the consumer is gone.
+        self.final: Finish | None = None
+        self.consumer_gone = False
+        self._delivered = False
 
     def emit(self, event: GenerationEvent) -> None:
+        """Called from the scheduler thread."""
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-            if isinstance(event, Finish) and self.on_finish is not None:
-                self.loop.call_soon_threadsafe(self.on_finish, event)
+            if isinstance(event, Finish):
+                self.loop.call_soon_threadsafe(self._finished, event)
+            else:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:
             pass  # the loop is closed: nobody is listening any more
+
+    def _finished(self, event: Finish) -> None:
+        self.final = event
+        self.events.put_nowait(event)
+        if self.consumer_gone:
+            self.deliver()
+
+    def deliver(self) -> None:
+        """Run on_finish once (loop thread only)."""
+        if self._delivered or self.final is None:
+            return
+        self._delivered = True
+        if self.on_finish is not None:
+            self.on_finish(self.final)
 
     def finish_unstarted(self, reason: FinishReason, message: str = "") -> None:
         """End a job that never reached a slot (cancelled while queued, or shutdown)."""

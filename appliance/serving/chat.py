@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -38,10 +38,10 @@ from appliance.engine.protocol import (
     TextDelta,
 )
 from appliance.engine.templates import ChatTemplate
-from appliance.errors import ApplianceError, ContextLengthExceededError
+from appliance.errors import ApplianceError, ContextLengthExceededError, OverloadedError
 from appliance.serving.prompts import OutputPlan, render_prompt
 from appliance.store.keys import ApiKey, utcnow
-from appliance.store.usage import UsageRecord, UsageStore
+from appliance.store.ledger import Ledger, Settlement, Ticket
 
 __all__ = ["ChatService", "PreparedChat"]
 
@@ -61,17 +61,19 @@ class PreparedChat(msgspec.Struct, kw_only=True):
     key: ApiKey | None
     started: str
     plan: OutputPlan
+    ticket: Ticket | None = None
+    reasoning_tokens: int = 0
 
 
 class ChatService:
     """HTTP-free chat serving; routes call ``prepare`` then ``complete`` or ``stream``."""
 
-    def __init__(self, engine: Engine, usage: UsageStore, *, default_max_tokens: int = 0):
+    def __init__(self, engine: Engine, ledger: Ledger, *, default_max_tokens: int = 0):
         self.engine = engine
-        self.usage = usage
+        self.ledger = ledger
         self.default_max_tokens = default_max_tokens
         self._templates: dict[str, ChatTemplate] = {}
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Task[Any]] = set()
 
     def _template(self, model: ModelHandle) -> ChatTemplate:
         template = self._templates.get(model.id)
@@ -99,7 +101,7 @@ class ChatService:
         max_tokens = min(asked, room) if asked else room
         stop = request.stop
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return PreparedChat(
+        chat = PreparedChat(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=model,
@@ -114,12 +116,15 @@ class ChatService:
             key=key,
             started=utcnow(),
         )
+        if key is not None:
+            # Admission: limits and credits are checked and held in one write transaction.
+            chat.ticket = await self.ledger.reserve(key, model.id, len(prompt), max_tokens)
+        return chat
 
     async def complete(self, chat: PreparedChat) -> ChatCompletion:
         parser = chat.plan.parser()
         content: list[str] = []
         reasoning: list[str] = []
-        reasoning_tokens = 0
         finish: Finish | None = None
         async for event in self._events(chat):
             if isinstance(event, Finish):
@@ -127,7 +132,7 @@ class ChatService:
                 parsed = parser.finish()
             else:
                 if parser.in_reasoning:
-                    reasoning_tokens += event.tokens
+                    chat.reasoning_tokens += event.tokens
                 parsed = parser.feed(event.text)
             content.append(parsed.content)
             reasoning.append(parsed.reasoning)
@@ -151,7 +156,7 @@ class ChatService:
             created=chat.created,
             model=chat.model.id,
             choices=[Choice(index=0, message=message, finish_reason=_finish_reason(finish, calls))],
-            usage=_usage(finish, reasoning_tokens),
+            usage=_usage(finish, chat.reasoning_tokens),
         )
 
     async def stream(self, chat: PreparedChat) -> AsyncIterator[ChatCompletionChunk]:
@@ -166,12 +171,11 @@ class ChatService:
             )
 
         parser = chat.plan.parser()
-        reasoning_tokens = 0
         yield chunk(Delta(role="assistant", content=""))
         async for event in self._events(chat):
             if isinstance(event, TextDelta):
                 if parser.in_reasoning:
-                    reasoning_tokens += event.tokens
+                    chat.reasoning_tokens += event.tokens
                 for delta in _deltas(parser.feed(event.text)):
                     yield chunk(delta)
                 continue
@@ -187,30 +191,41 @@ class ChatService:
                     created=chat.created,
                     model=chat.model.id,
                     choices=[],
-                    usage=_usage(event, reasoning_tokens),
+                    usage=_usage(event, chat.reasoning_tokens),
                 )
 
-    def _events(self, chat: PreparedChat) -> AsyncIterator[TextDelta | Finish]:
-        # The engine calls back with the final counts even when the client has gone, so a
-        # stream cut by a disconnect is billed for exactly the tokens it generated.
-        return chat.model.generate(chat.generation, lambda finish: self._record(chat, finish))
+    async def _events(self, chat: PreparedChat) -> AsyncIterator[TextDelta | Finish]:
+        # on_finish fires with the final counts even when the client has gone, so a stream
+        # cut by a disconnect is billed for exactly the tokens it generated.
+        events = chat.model.generate(chat.generation, lambda finish: self._settle(chat, finish))
+        try:
+            async for event in events:
+                yield event
+        except OverloadedError:
+            if chat.ticket is not None:  # never reached the engine: release the hold
+                self._spawn(self.ledger.void(chat.ticket))
+            raise
 
-    def _record(self, chat: PreparedChat, finish: Finish) -> None:
-        record = UsageRecord(
-            key_id=chat.key.id if chat.key else None,
-            model=chat.model.id,
+    def _settle(self, chat: PreparedChat, finish: Finish) -> None:
+        if chat.ticket is None:
+            return
+        usage = Settlement(
             status=finish.reason,
             prompt_tokens=finish.prompt_tokens,
             completion_tokens=finish.completion_tokens,
+            reasoning_tokens=min(chat.reasoning_tokens, finish.completion_tokens),
             cached_tokens=finish.cached_tokens,
             started=chat.started,
         )
-        # A separate task: a cancelled request scope must not cancel the bookkeeping.
-        task = asyncio.get_running_loop().create_task(self.usage.record(record))
-        self._pending.add(task)
-        task.add_done_callback(self._record_done)
+        self._spawn(self.ledger.settle(chat.ticket, usage))
 
-    def _record_done(self, task: asyncio.Task[None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, object]) -> None:
+        # A separate task: a cancelled request scope must not cancel the bookkeeping.
+        task = asyncio.get_running_loop().create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._bookkeeping_done)
+
+    def _bookkeeping_done(self, task: asyncio.Task[Any]) -> None:
         self._pending.discard(task)
         if not task.cancelled() and task.exception() is not None:
             _log.error("could not record usage: %s", task.exception())

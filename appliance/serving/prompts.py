@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from appliance.api.protocol import ChatCompletionRequest, ChatMessage
+from appliance.api.protocol import ChatCompletionRequest, ChatMessage, ToolDef
 from appliance.engine.parsers import OutputParser, ToolFormat, ToolSpec, detect_tool_format
 from appliance.engine.templates import ChatTemplate
 from appliance.errors import InvalidRequestError
@@ -100,6 +100,35 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+def _template_tool(tool: ToolDef) -> dict[str, Any]:
+    """A tool as the client sent it: unset optional fields are left out, not ``null``."""
+    function = msgspec.to_builtins(tool.function)
+    return {"type": tool.type, "function": {k: v for k, v in function.items() if v is not None}}
+
+
+def _call_text(call: dict[str, Any], tool_format: ToolFormat) -> str:
+    """One earlier tool call written the way the model is told to write them."""
+    name, arguments = call["name"], call["arguments"]
+    if tool_format == "hermes":
+        body = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+        return f"<tool_call>\n{body}\n</tool_call>"
+    params = "".join(
+        f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}"
+        "\n</parameter>\n"
+        for k, v in (arguments.items() if isinstance(arguments, dict) else ())
+    )
+    return f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>"
+
+
+def _fold_tool_calls(messages: list[dict[str, Any]], tool_format: ToolFormat) -> None:
+    """For templates that ignore ``tool_calls``: keep earlier calls visible as message text."""
+    for item in messages:
+        calls = item.pop("tool_calls", None)
+        if calls:
+            texts = [item["content"], *(_call_text(c, tool_format) for c in calls)]
+            item["content"] = "\n".join(t for t in texts if t)
+
+
 def _tool_instructions(tools: list[dict[str, Any]]) -> str:
     """For templates that ignore ``tools``: describe them and the Hermes call syntax."""
     listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
@@ -125,12 +154,19 @@ def render_prompt(request: ChatCompletionRequest, template: ChatTemplate) -> Ren
     choice = request.tool_choice if request.tool_choice is not None else "auto"
     use_tools = bool(offered) and choice != "none"
     specs = tuple(ToolSpec(t.function.name, t.function.parameters or {}) for t in offered)
-    template_tools = [msgspec.to_builtins(t) for t in offered] if use_tools else None
+    if not offered and (choice == "required" or not isinstance(choice, str)):
+        raise InvalidRequestError(
+            "tool_choice 'required' or a named function needs a non-empty 'tools' list",
+            param="tool_choice",
+        )
+    template_tools = [_template_tool(t) for t in offered] if use_tools else None
     tool_format: ToolFormat | None = None
     if use_tools:
         tool_format = detect_tool_format(source) or "hermes"
         if "tools" not in source:
             messages = _with_system(messages, _tool_instructions(template_tools or []))
+    if "tool_calls" not in source:
+        _fold_tool_calls(messages, tool_format or detect_tool_format(source) or "hermes")
     text = template.render(messages, tools=template_tools, extra=request.chat_template_kwargs)
     reasoning = "<think>" in source or "</think>" in source
     starts_in_reasoning = reasoning and text.rstrip().endswith("<think>")

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from appliance.store.migrations import apply_migrations
+from appliance.store.migrations import MIGRATIONS, apply_migrations
 
 __all__ = ["DB_FILENAME", "Database", "Row"]
 
@@ -54,8 +54,19 @@ class Database:
             for pragma in _PRAGMAS:
                 await conn.execute(pragma)
         db = cls(path, writer, reader)
-        await db.write(apply_migrations)
+        # Only take the write lock when there is something to migrate: opening an up-to-date
+        # database (every CLI command does) must not wait for, or starve, the server's writes.
+        if await db._migrations_pending():
+            await db.write(apply_migrations)
         return db
+
+    async def _migrations_pending(self) -> bool:
+        try:
+            rows = await self.fetchall("SELECT name FROM _migrations")
+        except sqlite3.OperationalError:  # a new database: no _migrations table yet
+            return True
+        done = {row[0] for row in rows}
+        return any(name not in done for name, _ in MIGRATIONS)
 
     async def write(self, fn: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run ``fn`` inside one IMMEDIATE transaction on the single writer connection."""

@@ -78,3 +78,58 @@ async def apply_migrations(db: aiosqlite.Connection) -> None:
             await db.execute(
                 "INSERT INTO _migrations (name, applied) VALUES (?, datetime('now'))", (name,)
             )
+
+
+@migration
+async def m002_billing(db: aiosqlite.Connection) -> None:
+    """Credits, limits, reservations and an append-only credit ledger (amounts in nano-credits)."""
+    await _run_script(
+        db,
+        """
+        ALTER TABLE keys ADD COLUMN expires TEXT;
+        ALTER TABLE keys ADD COLUMN allowed_models TEXT;          -- JSON list, NULL = all
+        ALTER TABLE keys ADD COLUMN rpm INTEGER;
+        ALTER TABLE keys ADD COLUMN tpm INTEGER;
+        ALTER TABLE keys ADD COLUMN concurrency INTEGER;
+        ALTER TABLE keys ADD COLUMN balance INTEGER;              -- NULL = unlimited
+        ALTER TABLE keys ADD COLUMN reserved INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE keys ADD COLUMN allowance INTEGER;            -- credited once per period
+        ALTER TABLE keys ADD COLUMN allowance_period TEXT;        -- day | month
+        ALTER TABLE keys ADD COLUMN allowance_granted TEXT;       -- period last credited
+        ALTER TABLE keys ADD COLUMN spent INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_events ADD COLUMN cost INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_events ADD COLUMN reservation_id INTEGER;
+        CREATE TABLE reservations (
+            id INTEGER PRIMARY KEY,
+            key_id INTEGER NOT NULL REFERENCES keys(id),
+            model TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            max_tokens INTEGER NOT NULL,
+            amount INTEGER NOT NULL,         -- credits held until settlement
+            created REAL NOT NULL,           -- unix time (rate windows compare numbers)
+            status TEXT NOT NULL             -- pending | settled | voided
+        );
+        CREATE INDEX reservations_key ON reservations(key_id, created);
+        CREATE INDEX reservations_pending ON reservations(status) WHERE status = 'pending';
+        CREATE TABLE credit_ledger (
+            id INTEGER PRIMARY KEY,
+            key_id INTEGER NOT NULL REFERENCES keys(id),
+            kind TEXT NOT NULL,              -- starter | topup | allowance | usage
+            amount INTEGER NOT NULL,         -- signed nano-credits
+            created TEXT NOT NULL,
+            usage_event_id INTEGER REFERENCES usage_events(id)
+        );
+        CREATE INDEX credit_ledger_key ON credit_ledger(key_id);
+        CREATE TABLE prices (
+            model TEXT PRIMARY KEY,
+            input_per_million INTEGER NOT NULL,   -- nano-credits per 1M prompt tokens
+            output_per_million INTEGER NOT NULL
+        );
+        CREATE TABLE token_window (
+            key_id INTEGER NOT NULL,
+            at REAL NOT NULL,
+            tokens INTEGER NOT NULL
+        );
+        CREATE INDEX token_window_key ON token_window(key_id, at);
+        """,
+    )
