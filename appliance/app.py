@@ -42,12 +42,18 @@ def build_engine(settings: Settings) -> Engine:
         batch_size=settings.batch_size,
         threads=settings.threads,
         n_gpu_layers=settings.n_gpu_layers,
+        flash_attn=settings.flash_attn,
+        cache_type_k=settings.cache_type_k,
+        cache_type_v=settings.cache_type_v,
     )
     return LlamaEngine(
         ModelRegistry(settings.models_dir),
         config,
         default_model=settings.default_model,
         max_queue=settings.max_queue,
+        max_loaded=settings.max_loaded_models,
+        memory_budget=settings.memory_budget_mb * 1024 * 1024,
+        idle_ttl=settings.model_idle_ttl,
     )
 
 
@@ -67,9 +73,22 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             keys=KeyStore(db),
             ledger=ledger,
             owner=OwnerSettings(db),
-            chat=ChatService(engine, ledger, default_max_tokens=settings.default_max_tokens),
+            chat=ChatService(
+                engine,
+                ledger,
+                default_max_tokens=settings.default_max_tokens,
+                request_timeout=settings.request_timeout,
+            ),
         )
         app.state.services = services
+        # The owner's runtime choices override the process defaults.
+        aliases = await services.owner.get("aliases", {})
+        default_model = await services.owner.get("default_model", "")
+        engine.configure(
+            aliases=aliases,
+            default_model=default_model or settings.default_model,
+            model_options=await services.owner.get("model_options", {}),
+        )
         await _greet(services)
         # Load the default model in the background: the port answers at once and /health
         # says 503 until the model can serve.

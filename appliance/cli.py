@@ -52,20 +52,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the OpenAI-compatible server")
     _add_dirs(serve, models=True)
-    for name in (
-        "host",
-        "port",
-        "default_model",
-        "threads",
-        "ctx_size",
-        "parallel",
-        "batch_size",
-        "n_gpu_layers",
-        "max_body_bytes",
-        "max_queue",
-        "default_max_tokens",
-        "log_level",
-    ):
+    for name in Settings.__struct_fields__:
+        if name in ("data_dir", "models_dir"):
+            continue
         field_type = type(getattr(Settings(), name))
         serve.add_argument(
             "--" + name.replace("_", "-"),

@@ -10,13 +10,14 @@ import itertools
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 __all__ = ["ENV_PREFIX", "Settings", "load_settings"]
 
 ENV_PREFIX = "APPLIANCE_"
+CacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
@@ -61,7 +62,28 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     default_max_tokens: int = 0
     """Completion length cap when a request gives none; 0 = until the context is full."""
 
-    log_level: str = "info"
+    request_timeout: float = 600.0
+    """Seconds a generation may run before it ends with finish_reason 'length'; 0 = none."""
+
+    max_loaded_models: int = 2
+    """Models resident at once; loading another unloads the least recently used idle one."""
+
+    memory_budget_mb: int = 0
+    """Total size of resident model files in MB before idle models are unloaded; 0 = none."""
+
+    model_idle_ttl: float = 900.0
+    """Seconds after which an idle model (other than the default) is unloaded; 0 = never."""
+
+    flash_attn: Literal["auto", "on", "off"] = "auto"
+    """Flash attention: auto, on or off (per model overridable by the owner)."""
+
+    cache_type_k: CacheType = "f16"
+    """KV cache type for keys: f16, q8_0, q4_0, ... (smaller saves memory on long contexts)."""
+
+    cache_type_v: CacheType = "f16"
+    """KV cache type for values (quantised V needs flash attention)."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level for the server (debug, info, warning, error)."""
 
 

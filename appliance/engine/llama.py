@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from appliance.engine.native import NativeModel, NativeModelConfig
 from appliance.engine.protocol import (
@@ -32,6 +35,7 @@ class LoadedModel:
         self.info = info
         self.native = native
         self.scheduler = scheduler
+        self.last_used = time.monotonic()
 
     @property
     def id(self) -> str:
@@ -60,6 +64,7 @@ class LoadedModel:
         self, request: GenerationRequest, on_finish: FinishCallback | None = None
     ) -> AsyncIterator[GenerationEvent]:
         job = Job(request, asyncio.get_running_loop(), on_finish)
+        self.last_used = time.monotonic()
         self.scheduler.submit(job)
         try:
             while True:
@@ -92,12 +97,20 @@ class LlamaEngine:
         default_model: str = "",
         max_queue: int = 64,
         aliases: dict[str, str] | None = None,
+        max_loaded: int = 2,
+        memory_budget: int = 0,
+        idle_ttl: float = 0.0,
     ) -> None:
         self.registry = registry
         self.config = config
         self.default_model = default_model
         self.max_queue = max_queue
         self.aliases = dict(aliases or {})
+        self.max_loaded = max(1, max_loaded)
+        self.memory_budget = memory_budget
+        self.idle_ttl = idle_ttl
+        self.model_options: dict[str, dict[str, Any]] = {}
+        self._reaper: asyncio.Task[None] | None = None
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
         self._ready = False
@@ -140,6 +153,7 @@ class LlamaEngine:
             pending = asyncio.get_running_loop().create_future()
             self._loading[model_id] = pending
             try:
+                await self._make_room(info)
                 loaded = await asyncio.to_thread(self._load, info)
             except Exception as exc:
                 pending.set_exception(exc)
@@ -170,8 +184,51 @@ class LlamaEngine:
             error=self._error,
         )
 
+    async def _make_room(self, incoming: ModelInfo) -> None:
+        """Unload idle models (least recently used first) until ``incoming`` fits.
+
+        A model that is serving or has queued requests is never evicted; when nothing can
+        be evicted the request gets a 503 instead of an out-of-memory crash.
+        """
+
+        def over() -> bool:
+            if len(self._loaded) + 1 > self.max_loaded:
+                return True
+            if not self.memory_budget:
+                return False
+            used = sum(m.native.size_bytes for m in self._loaded.values())
+            return used + incoming.size_bytes > self.memory_budget
+
+        while over():
+            idle = [m for m in self._loaded.values() if m.scheduler.idle]
+            if not idle:
+                raise OverloadedError(
+                    f"Not enough memory to load '{incoming.id}' while other models are serving",
+                    retry_after=10,
+                )
+            victim = min(idle, key=lambda m: m.last_used)
+            _log.info("unloading %s to make room for %s", victim.id, incoming.id)
+            await self.unload(victim.id)
+
+    async def _reap_idle(self) -> None:
+        """Unload models (other than the default) idle for longer than ``idle_ttl``."""
+        while True:
+            await asyncio.sleep(min(15.0, max(1.0, self.idle_ttl / 4)))
+            default = self.default_id()
+            now = time.monotonic()
+            for model in list(self._loaded.values()):
+                if (
+                    model.id != default
+                    and model.scheduler.idle
+                    and now - model.last_used > self.idle_ttl
+                ):
+                    _log.info("unloading %s after %.0f s idle", model.id, now - model.last_used)
+                    await self.unload(model.id)
+
     async def start(self) -> None:
         """Load the default model; /health turns 200 once it can serve."""
+        if self.idle_ttl > 0 and self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_idle())
         default = self.default_id()
         if default is None:
             self._error = "no model installed"
@@ -184,15 +241,52 @@ class LlamaEngine:
             return
         self._ready = True
 
+    async def unload(self, model_id: str) -> bool:
+        """Free a loaded model; refuses (OverloadedError) while it is serving requests."""
+        loaded = self._loaded.get(model_id)
+        if loaded is None:
+            return False
+        if not loaded.scheduler.idle:
+            raise OverloadedError(f"Model '{model_id}' is serving requests", retry_after=5)
+        del self._loaded[model_id]
+        await asyncio.to_thread(loaded.close)
+        return True
+
+    def configure(
+        self,
+        *,
+        aliases: dict[str, str] | None = None,
+        default_model: str | None = None,
+        model_options: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Apply the owner's runtime choices (kept in SQLite by the caller)."""
+        if aliases is not None:
+            self.aliases = dict(aliases)
+        if default_model is not None:
+            self.default_model = default_model
+        if model_options is not None:
+            self.model_options = {k: dict(v) for k, v in model_options.items()}
+
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         models, self._loaded = list(self._loaded.values()), {}
         for model in models:
             await asyncio.to_thread(model.close)
 
     # -- internals -------------------------------------------------------------------------
+    def _config_for(self, model_id: str) -> NativeModelConfig:
+        """Process defaults overridden by the owner's per-model options (GPU layers, KV type)."""
+        options = {
+            k: v
+            for k, v in self.model_options.get(model_id, {}).items()
+            if k in NativeModelConfig.__dataclass_fields__
+        }
+        return dataclasses.replace(self.config, **options)
+
     def _load(self, info: ModelInfo) -> LoadedModel:
         _log.info("loading model %s from %s", info.id, info.path)
-        native = NativeModel(Path(info.path), self.config)
+        native = NativeModel(Path(info.path), self._config_for(info.id))
         scheduler = BatchScheduler(native, max_queue=self.max_queue, name=info.id)
         info.loaded = True
         info.context_length = native.n_ctx_seq

@@ -18,6 +18,19 @@ __all__ = ["NativeModel", "NativeModelConfig", "Sampler"]
 
 _log = logging.getLogger(__name__)
 
+_FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+# ggml_type ids of the KV cache types llama.cpp accepts.
+_CACHE_TYPES = {
+    "f32": 0,
+    "f16": 1,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q5_0": 6,
+    "q5_1": 7,
+    "q8_0": 8,
+    "bf16": 30,
+}
+
 
 @dataclass(frozen=True, slots=True)
 class NativeModelConfig:
@@ -28,6 +41,9 @@ class NativeModelConfig:
     batch_size: int = 512
     threads: int = 0
     n_gpu_layers: int = -1
+    flash_attn: str = "auto"  # auto | on | off
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
 
 
 def _meta(model: ctypes.c_void_p, key: str) -> str | None:
@@ -68,6 +84,9 @@ class NativeModel:
         # Separate KV streams per sequence: every slot is guaranteed its full context.
         cparams.kv_unified = False
         cparams.no_perf = True
+        cparams.flash_attn_type = _FLASH_ATTN[config.flash_attn]
+        cparams.type_k = _CACHE_TYPES[config.cache_type_k]
+        cparams.type_v = _CACHE_TYPES[config.cache_type_v]
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
@@ -86,6 +105,12 @@ class NativeModel:
         self.size_bytes = int(llama_cpp.llama_model_size(self.model))
         self.n_params = int(llama_cpp.llama_model_n_params(self.model))
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        # Recurrent / hybrid models (Mamba, Qwen 3.5's linear attention) cannot truncate their
+        # state to an arbitrary position: the scheduler keeps checkpoints for them.
+        self.needs_checkpoints = bool(
+            llama_cpp.llama_model_is_recurrent(self.model)
+            or llama_cpp.llama_model_is_hybrid(self.model)
+        )
         self._piece = ctypes.create_string_buffer(256)
 
     def _special_text(self, token: int) -> str:
@@ -120,6 +145,19 @@ class NativeModel:
 
     def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
         return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+
+    def save_partial_state(self, seq_id: int) -> bytes:
+        """The part of a sequence's state that cannot be rolled back (recurrent/SWA)."""
+        flags = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        size = llama_cpp.llama_state_seq_get_size_ext(self.ctx, seq_id, flags)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data_ext(self.ctx, buf, size, seq_id, flags)
+        return bytes(buf[:written])
+
+    def restore_partial_state(self, seq_id: int, data: bytes) -> bool:
+        flags = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return bool(llama_cpp.llama_state_seq_set_data_ext(self.ctx, buf, len(data), seq_id, flags))
 
     def decode(self) -> int:
         return int(llama_cpp.llama_decode(self.ctx, self.batch))

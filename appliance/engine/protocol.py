@@ -7,7 +7,7 @@ engine while e2e tests drive the real llama.cpp one.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import msgspec
 
@@ -51,6 +51,10 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
     """Stop strings: generation ends before the first one and it never reaches the output."""
+    owner: str = ""
+    """Who asked (an API key's prefix): the queue is fair between owners."""
+    deadline: float = 0.0
+    """``time.monotonic()`` after which generation ends with ``length``; 0 = none."""
 
 
 class TextDelta(msgspec.Struct):
@@ -146,6 +150,20 @@ class Engine(Protocol):
         ...
 
     def status(self) -> EngineStatus: ...
+
+    async def unload(self, model_id: str) -> bool:
+        """Free a loaded model (refused while it serves); False if it was not loaded."""
+        ...
+
+    def configure(
+        self,
+        *,
+        aliases: dict[str, str] | None = None,
+        default_model: str | None = None,
+        model_options: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Apply the owner's aliases / default model (persisted in SQLite by the caller)."""
+        ...
 
     async def start(self) -> None: ...
 

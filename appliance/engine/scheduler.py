@@ -102,6 +102,7 @@ class _Sequence:
     prompt: list[int]
     prefilled: int  # prompt tokens already in the KV cache
     cached: int  # prompt tokens reused from an earlier request
+    checkpoint_at: int  # prompt position to snapshot at (recurrent models), or -1
     stops: StopBuffer
     decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -117,6 +118,8 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)  # what this slot's KV cache holds
     seq: _Sequence | None = None
     last_used: float = 0.0
+    # (position, state) snapshots of the non-truncatable part of the state, oldest first.
+    checkpoints: list[tuple[int, bytes]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -132,12 +135,23 @@ class BatchScheduler:
     """Owns a NativeModel's context; ``submit`` is thread-safe, everything else runs inside."""
 
     def __init__(
-        self, native: NativeModel, *, max_queue: int, prefill_chunk: int = 256, name: str = ""
+        self,
+        native: NativeModel,
+        *,
+        max_queue: int,
+        prefill_chunk: int = 256,
+        name: str = "",
+        checkpoint_offset: int = 8,
+        max_checkpoints: int = 3,
     ) -> None:
         self.native = native
         self.max_queue = max_queue
         self.prefill_chunk = max(1, min(prefill_chunk, native.n_batch))
         self.slots = [_Slot(seq_id=i) for i in range(native.n_seq)]
+        # A follow-up turn re-renders the end of the previous prompt differently (e.g. the
+        # opened think block), so the snapshot sits a few tokens before the prompt's end.
+        self.checkpoint_offset = checkpoint_offset
+        self.max_checkpoints = max_checkpoints
         self.stats = SchedulerStats()
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -194,13 +208,28 @@ class BatchScheduler:
     def _active(self) -> int:
         return sum(1 for s in self.slots if s.seq is not None)
 
+    def _next_job(self) -> Job:
+        """Fair between owners: the oldest job of the owner with the fewest running sequences."""
+        running: dict[str, int] = {}
+        for s in self.slots:
+            if s.seq is not None:
+                owner = s.seq.job.request.owner
+                running[owner] = running.get(owner, 0) + 1
+        best = min(
+            range(len(self._queue)),
+            key=lambda i: (running.get(self._queue[i].request.owner, 0), i),
+        )
+        job = self._queue[best]
+        del self._queue[best]
+        return job
+
     def _admit(self) -> None:
         """Move queued jobs into free slots, reusing the longest cached prefix (lock held)."""
         while self._queue:
             free = [s for s in self.slots if s.seq is None]
             if not free:
                 break
-            job = self._queue.popleft()
+            job = self._next_job()
             if job.cancelled:
                 job.finish_unstarted("cancelled")  # the client left while queued
                 continue
@@ -212,12 +241,12 @@ class BatchScheduler:
 
     def _start(self, slot: _Slot, job: Job) -> None:
         prompt = job.request.prompt
-        keep = min(_common_prefix(slot.tokens, prompt), len(prompt) - 1)
-        if keep < len(slot.tokens) and not self.native.seq_rm(slot.seq_id, keep, -1):
-            # Recurrent/hybrid state cannot be truncated: start this slot from scratch.
-            self.native.seq_rm(slot.seq_id, -1, -1)
-            keep = 0
-        del slot.tokens[keep:]
+        keep = self._reuse_prefix(slot, min(_common_prefix(slot.tokens, prompt), len(prompt) - 1))
+        checkpoint_at = -1
+        if self.native.needs_checkpoints:
+            checkpoint_at = len(prompt) - self.checkpoint_offset
+            if checkpoint_at <= keep:
+                checkpoint_at = -1
         sp = job.request.sampling
         try:
             sampler = Sampler(
@@ -241,9 +270,29 @@ class BatchScheduler:
             prompt=prompt,
             prefilled=keep,
             cached=keep,
+            checkpoint_at=checkpoint_at,
             stops=StopBuffer(job.request.stop),
         )
         self.stats.prompt_tokens_cached += keep
+
+    def _reuse_prefix(self, slot: _Slot, wanted: int) -> int:
+        """Cut the slot's cache back to ``wanted`` tokens where possible; return what is kept."""
+        native = self.native
+        keep = wanted
+        if keep < len(slot.tokens) and not native.seq_rm(slot.seq_id, keep, -1):
+            # Recurrent state cannot be cut back: restore the newest snapshot at or before
+            # ``wanted``, then drop the attention cache past it.
+            keep = 0
+            for pos, state in reversed(slot.checkpoints):
+                if 0 < pos <= wanted and native.restore_partial_state(slot.seq_id, state):
+                    if native.seq_rm(slot.seq_id, pos, -1):
+                        keep = pos
+                    break
+            if keep == 0:
+                native.seq_rm(slot.seq_id, -1, -1)
+        slot.checkpoints = [(p, st) for p, st in slot.checkpoints if p <= keep]
+        del slot.tokens[keep:]
+        return keep
 
     def _step(self) -> None:
         native = self.native
@@ -271,6 +320,8 @@ class BatchScheduler:
             if seq is None or seq.prefilled >= len(seq.prompt) or budget <= 0:
                 continue
             take = min(budget, len(seq.prompt) - seq.prefilled)
+            if seq.checkpoint_at > seq.prefilled:
+                take = min(take, seq.checkpoint_at - seq.prefilled)
             for token in seq.prompt[seq.prefilled : seq.prefilled + take]:
                 last = seq.prefilled + 1 == len(seq.prompt)
                 n = _put(batch, n, token, len(slot.tokens), slot.seq_id, last)
@@ -292,8 +343,17 @@ class BatchScheduler:
                     native.seq_rm(slot.seq_id, -1, -1)
                     slot.tokens.clear()
             return
+        for slot in self.slots:
+            seq = slot.seq
+            if seq is not None and seq.prefilled == seq.checkpoint_at:
+                self._checkpoint(slot, seq)
         for slot, index in samplers:
             self._sample(slot, index)
+
+    def _checkpoint(self, slot: _Slot, seq: _Sequence) -> None:
+        seq.checkpoint_at = -1
+        slot.checkpoints.append((seq.prefilled, self.native.save_partial_state(slot.seq_id)))
+        del slot.checkpoints[: -self.max_checkpoints]
 
     def _sample(self, slot: _Slot, index: int) -> None:
         seq = slot.seq
@@ -313,7 +373,10 @@ class BatchScheduler:
             self._finish(slot, "stop")
             return
         self._emit_text(seq, text)
-        limit_hit = seq.generated >= seq.job.request.max_tokens
+        request = seq.job.request
+        limit_hit = seq.generated >= request.max_tokens or (
+            request.deadline > 0 and time.monotonic() > request.deadline
+        )
         context_full = len(slot.tokens) + 1 >= native.n_ctx_seq
         if limit_hit or context_full:
             self._finish(slot, "length")

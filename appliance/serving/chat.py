@@ -68,10 +68,18 @@ class PreparedChat(msgspec.Struct, kw_only=True):
 class ChatService:
     """HTTP-free chat serving; routes call ``prepare`` then ``complete`` or ``stream``."""
 
-    def __init__(self, engine: Engine, ledger: Ledger, *, default_max_tokens: int = 0):
+    def __init__(
+        self,
+        engine: Engine,
+        ledger: Ledger,
+        *,
+        default_max_tokens: int = 0,
+        request_timeout: float = 0.0,
+    ):
         self.engine = engine
         self.ledger = ledger
         self.default_max_tokens = default_max_tokens
+        self.request_timeout = request_timeout
         self._templates: dict[str, ChatTemplate] = {}
         self._pending: set[asyncio.Task[Any]] = set()
 
@@ -111,6 +119,8 @@ class ChatService:
                 max_tokens=max_tokens,
                 sampling=_sampling(request, rendered.plan.grammar),
                 stop=stops,
+                owner=key.prefix if key else "",
+                deadline=time.monotonic() + self.request_timeout if self.request_timeout else 0.0,
             ),
             plan=rendered.plan,
             key=key,
