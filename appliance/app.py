@@ -10,15 +10,19 @@ from contextlib import asynccontextmanager
 from litestar import Litestar
 
 from appliance.api.chat import chat_completions
+from appliance.api.completions import completions, embeddings
 from appliance.api.errors import exception_handlers
 from appliance.api.health import health
+from appliance.api.metrics import metrics_endpoint
 from appliance.api.models import get_model, list_models
 from appliance.engine.llama import LlamaEngine
 from appliance.engine.native import NativeModelConfig
 from appliance.engine.protocol import Engine
 from appliance.engine.registry import ModelRegistry
+from appliance.metrics import Metrics
 from appliance.services import Services
 from appliance.serving.chat import ChatService
+from appliance.serving.completions import CompletionService
 from appliance.settings import Settings
 from appliance.store.db import Database
 from appliance.store.keys import KeyStore
@@ -63,9 +67,17 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         db = await Database.open(settings.data_dir)
         engine = engine_factory(settings)
         ledger = Ledger(db)
+        metrics = Metrics(engine)
         voided = await ledger.recover()
         if voided:
             _log.warning("voided %d reservations left pending by an earlier crash", voided)
+        chat = ChatService(
+            engine,
+            ledger,
+            default_max_tokens=settings.default_max_tokens,
+            request_timeout=settings.request_timeout,
+            metrics=metrics,
+        )
         services = Services(
             settings=settings,
             db=db,
@@ -73,12 +85,9 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             keys=KeyStore(db),
             ledger=ledger,
             owner=OwnerSettings(db),
-            chat=ChatService(
-                engine,
-                ledger,
-                default_max_tokens=settings.default_max_tokens,
-                request_timeout=settings.request_timeout,
-            ),
+            chat=chat,
+            completions=CompletionService(chat),
+            metrics=metrics,
         )
         app.state.services = services
         # The owner's runtime choices override the process defaults.
@@ -102,7 +111,15 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             await db.close()
 
     return Litestar(
-        route_handlers=[health, list_models, get_model, chat_completions],
+        route_handlers=[
+            health,
+            list_models,
+            get_model,
+            chat_completions,
+            metrics_endpoint,
+            completions,
+            embeddings,
+        ],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,

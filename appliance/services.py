@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from appliance.engine.protocol import Engine
+from appliance.metrics import Metrics
 from appliance.serving.chat import ChatService
+from appliance.serving.completions import CompletionService
 from appliance.settings import Settings
 from appliance.store.db import Database
 from appliance.store.keys import KeyStore
@@ -24,3 +26,5 @@ class Services:
     ledger: Ledger
     owner: OwnerSettings
     chat: ChatService
+    completions: CompletionService
+    metrics: Metrics

@@ -83,6 +83,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     cache_type_v: CacheType = "f16"
     """KV cache type for values (quantised V needs flash attention)."""
 
+    metrics_token: str = ""
+    """Bearer token Prometheus must send to GET /metrics; empty = loopback clients only."""
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level for the server (debug, info, warning, error)."""
 

@@ -33,8 +33,14 @@ async def sse(chunks: AsyncIterator[msgspec.Struct]) -> AsyncIterator[bytes]:
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     key = await authenticate(request)
     body = await decode_body(request, ChatCompletionRequest)
-    chat = services(request).chat
-    prepared = await chat.prepare(body, key)
+    found = services(request)
+    chat = found.chat
+    try:
+        prepared = await chat.prepare(body, key)
+    except ApplianceError as exc:
+        found.metrics.request("chat", body.model, exc.status_code)
+        raise
+    found.metrics.request("chat", prepared.model.id, 200)
     if body.stream:
         return Stream(
             sse(chat.stream(prepared)), media_type="text/event-stream", headers=SSE_HEADERS

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from appliance.engine.embeddings import Embedder
 from appliance.engine.native import NativeModel, NativeModelConfig
 from appliance.engine.protocol import (
     EngineStatus,
@@ -36,6 +38,8 @@ class LoadedModel:
         self.native = native
         self.scheduler = scheduler
         self.last_used = time.monotonic()
+        self._embedder: Embedder | None = None
+        self._embedder_lock = threading.Lock()
 
     @property
     def id(self) -> str:
@@ -81,8 +85,21 @@ class LoadedModel:
             job.cancel()
             job.deliver()
 
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Pooled, normalised embeddings (the embedding context is created on first use)."""
+        self.last_used = time.monotonic()
+        return await asyncio.to_thread(self._embed_sync, inputs)
+
+    def _embed_sync(self, inputs: list[list[int]]) -> list[list[float]]:
+        with self._embedder_lock:
+            if self._embedder is None:
+                self._embedder = Embedder(self.native, threads=self.native.threads)
+        return [self._embedder.embed(tokens) for tokens in inputs]
+
     def close(self) -> None:
         self.scheduler.stop()
+        if self._embedder is not None:
+            self._embedder.close()
         self.native.close()
 
 

@@ -93,6 +93,7 @@ class NativeModel:
             raise ValueError(f"llama.cpp could not create a context for {path.name}")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_seq = parallel
+        self.threads = threads
         self.n_batch = int(llama_cpp.llama_n_batch(self.ctx))
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self.ctx))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))

@@ -12,6 +12,7 @@ from typing import Any, Literal, Protocol
 import msgspec
 
 __all__ = [
+    "EmbeddingHandle",
     "Engine",
     "EngineStatus",
     "Finish",
@@ -134,6 +135,20 @@ class ModelHandle(Protocol):
         the consumer has already gone (that is how disconnected streams get billed).
         """
         ...
+
+
+class EmbeddingHandle(Protocol):
+    """A loaded model that can also embed."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]: ...
 
 
 class Engine(Protocol):

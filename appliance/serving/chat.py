@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 from msgspec import UNSET
@@ -23,6 +23,7 @@ from appliance.api.protocol import (
     FunctionCall,
     PromptTokensDetails,
     ResponseMessage,
+    StreamOptions,
     ToolCall,
     ToolCallChunk,
     ToolCallFunctionChunk,
@@ -39,11 +40,12 @@ from appliance.engine.protocol import (
 )
 from appliance.engine.templates import ChatTemplate
 from appliance.errors import ApplianceError, ContextLengthExceededError, OverloadedError
+from appliance.metrics import Metrics, TokenTimer
 from appliance.serving.prompts import OutputPlan, render_prompt
 from appliance.store.keys import ApiKey, utcnow
 from appliance.store.ledger import Ledger, Settlement, Ticket
 
-__all__ = ["ChatService", "PreparedChat"]
+__all__ = ["ChatService", "PreparedChat", "usage_of"]
 
 _log = logging.getLogger(__name__)
 
@@ -56,13 +58,14 @@ class PreparedChat(msgspec.Struct, kw_only=True):
     id: str
     created: int
     model: ModelHandle
-    request: ChatCompletionRequest
+    include_usage: bool
     generation: GenerationRequest
     key: ApiKey | None
     started: str
     plan: OutputPlan
     ticket: Ticket | None = None
     reasoning_tokens: int = 0
+    t0: float = 0.0
 
 
 class ChatService:
@@ -75,7 +78,9 @@ class ChatService:
         *,
         default_max_tokens: int = 0,
         request_timeout: float = 0.0,
+        metrics: Metrics | None = None,
     ):
+        self.metrics = metrics
         self.engine = engine
         self.ledger = ledger
         self.default_max_tokens = default_max_tokens
@@ -93,36 +98,64 @@ class ChatService:
         return template
 
     async def prepare(self, request: ChatCompletionRequest, key: ApiKey | None) -> PreparedChat:
+        t0 = time.monotonic()
         model_id = self.engine.resolve(request.model)
         model = await self.engine.get(model_id)
         rendered = render_prompt(request, self._template(model))
         prompt = await asyncio.to_thread(model.tokenize, rendered.text)
+        return await self.admit(
+            model,
+            prompt,
+            key,
+            request=request,
+            asked=request.max_completion_tokens or request.max_tokens,
+            plan=rendered.plan,
+            id_prefix="chatcmpl",
+            t0=t0,
+        )
+
+    async def admit(
+        self,
+        model: ModelHandle,
+        prompt: list[int],
+        key: ApiKey | None,
+        *,
+        request: SamplingRequest,
+        asked: int | None,
+        plan: OutputPlan,
+        id_prefix: str,
+        t0: float,
+        param: str = "messages",
+    ) -> PreparedChat:
+        """Checks shared by chat and text completions: context fit, then credits and limits."""
         window = model.context_length
         if len(prompt) >= window:
             raise ContextLengthExceededError(
-                f"This model's maximum context length is {window} tokens, but the messages "
-                f"use {len(prompt)} tokens. Shorten the conversation to fit the context.",
-                param="messages",
+                f"This model's maximum context length is {window} tokens, but the {param} "
+                f"use {len(prompt)} tokens. Shorten the input to fit the context.",
+                param=param,
             )
         room = window - len(prompt)
-        asked = request.max_completion_tokens or request.max_tokens or self.default_max_tokens
+        asked = asked or self.default_max_tokens
         max_tokens = min(asked, room) if asked else room
         stop = request.stop
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        options = request.stream_options
         chat = PreparedChat(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
+            id=f"{id_prefix}-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=model,
-            request=request,
+            include_usage=options is not None and options.include_usage,
             generation=GenerationRequest(
                 prompt=prompt,
                 max_tokens=max_tokens,
-                sampling=_sampling(request, rendered.plan.grammar),
+                sampling=_sampling(request, plan.grammar),
                 stop=stops,
                 owner=key.prefix if key else "",
                 deadline=time.monotonic() + self.request_timeout if self.request_timeout else 0.0,
             ),
-            plan=rendered.plan,
+            plan=plan,
+            t0=t0,
             key=key,
             started=utcnow(),
         )
@@ -133,14 +166,16 @@ class ChatService:
 
     async def complete(self, chat: PreparedChat) -> ChatCompletion:
         parser = chat.plan.parser()
+        timer = TokenTimer(self.metrics, chat.model.id, chat.t0)
         content: list[str] = []
         reasoning: list[str] = []
         finish: Finish | None = None
-        async for event in self._events(chat):
+        async for event in self.events(chat):
             if isinstance(event, Finish):
                 finish = event
                 parsed = parser.finish()
             else:
+                timer.tick(time.monotonic(), event.tokens)
                 if parser.in_reasoning:
                     chat.reasoning_tokens += event.tokens
                 parsed = parser.feed(event.text)
@@ -166,7 +201,7 @@ class ChatService:
             created=chat.created,
             model=chat.model.id,
             choices=[Choice(index=0, message=message, finish_reason=_finish_reason(finish, calls))],
-            usage=_usage(finish, chat.reasoning_tokens),
+            usage=usage_of(finish, chat.reasoning_tokens),
         )
 
     async def stream(self, chat: PreparedChat) -> AsyncIterator[ChatCompletionChunk]:
@@ -181,9 +216,11 @@ class ChatService:
             )
 
         parser = chat.plan.parser()
+        timer = TokenTimer(self.metrics, chat.model.id, chat.t0)
         yield chunk(Delta(role="assistant", content=""))
-        async for event in self._events(chat):
+        async for event in self.events(chat):
             if isinstance(event, TextDelta):
+                timer.tick(time.monotonic(), event.tokens)
                 if parser.in_reasoning:
                     chat.reasoning_tokens += event.tokens
                 for delta in _deltas(parser.feed(event.text)):
@@ -194,17 +231,16 @@ class ChatService:
             for delta in _deltas(parser.finish()):
                 yield chunk(delta)
             yield chunk(Delta(), _finish_reason(event, parser.tool_calls))
-            options = chat.request.stream_options
-            if options is not None and options.include_usage:
+            if chat.include_usage:
                 yield ChatCompletionChunk(
                     id=chat.id,
                     created=chat.created,
                     model=chat.model.id,
                     choices=[],
-                    usage=_usage(event, chat.reasoning_tokens),
+                    usage=usage_of(event, chat.reasoning_tokens),
                 )
 
-    async def _events(self, chat: PreparedChat) -> AsyncIterator[TextDelta | Finish]:
+    async def events(self, chat: PreparedChat) -> AsyncIterator[TextDelta | Finish]:
         # on_finish fires with the final counts even when the client has gone, so a stream
         # cut by a disconnect is billed for exactly the tokens it generated.
         events = chat.model.generate(chat.generation, lambda finish: self._settle(chat, finish))
@@ -217,6 +253,11 @@ class ChatService:
             raise
 
     def _settle(self, chat: PreparedChat, finish: Finish) -> None:
+        if self.metrics is not None:
+            prefix = chat.key.prefix if chat.key else None
+            self.metrics.usage(
+                chat.model.id, prefix, finish.prompt_tokens, finish.completion_tokens
+            )
         if chat.ticket is None:
             return
         usage = Settlement(
@@ -246,7 +287,14 @@ class ChatService:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
 
-def _sampling(request: ChatCompletionRequest, grammar: str | None) -> SamplingParams:
+class SamplingRequest(Protocol):
+    """The request fields admission reads (chat and text completions both have them)."""
+
+    stop: str | list[str] | None
+    stream_options: StreamOptions | None
+
+
+def _sampling(request: SamplingRequest, grammar: str | None) -> SamplingParams:
     values: dict[str, Any] = {"grammar": grammar}
     for name in (
         "temperature",
@@ -264,7 +312,7 @@ def _sampling(request: ChatCompletionRequest, grammar: str | None) -> SamplingPa
     return SamplingParams(**values)
 
 
-def _usage(finish: Finish, reasoning_tokens: int) -> Usage:
+def usage_of(finish: Finish, reasoning_tokens: int) -> Usage:
     return Usage(
         prompt_tokens=finish.prompt_tokens,
         completion_tokens=finish.completion_tokens,
