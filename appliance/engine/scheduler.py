@@ -162,7 +162,9 @@ class BatchScheduler:
     # -- called from the event loop -------------------------------------------------------
     def submit(self, job: Job) -> None:
         with self._cond:
-            if len(self._queue) >= self.max_queue:
+            # Jobs that free slots will take at the next step are not "waiting".
+            free = sum(1 for s in self.slots if s.seq is None)
+            if len(self._queue) >= self.max_queue + free:
                 raise OverloadedError(
                     "The server is busy: too many requests are waiting. Retry shortly.",
                     retry_after=2,
