@@ -172,7 +172,8 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     choices: list[Choice]
     usage: Usage
     object: Literal["chat.completion"] = "chat.completion"
-    system_fingerprint: str | None = None
+    # OpenAI's schema types it as a string (never null): left out, as nothing sets it.
+    system_fingerprint: str | UnsetType = UNSET
 
 
 class ToolCallFunctionChunk(msgspec.Struct, kw_only=True):
@@ -207,7 +208,8 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
     model: str
     choices: list[ChunkChoice]
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    system_fingerprint: str | None = None
+    # OpenAI's schema types it as a string (never null): left out, as nothing sets it.
+    system_fingerprint: str | UnsetType = UNSET
     usage: Usage | None = None
 
 

@@ -58,7 +58,6 @@ class Completion(msgspec.Struct, kw_only=True):
     model: str
     choices: list[CompletionChoice]
     object: Literal["text_completion"] = "text_completion"
-    system_fingerprint: str | None = None
     usage: Usage | None = None
 
 

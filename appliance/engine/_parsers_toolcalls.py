@@ -12,7 +12,15 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["ParsedCall", "RegionParser", "Schemas", "parse_hermes", "parse_qwen_xml"]
+__all__ = [
+    "ParsedCall",
+    "RegionParser",
+    "Schemas",
+    "bare_call_start",
+    "parse_bare_hermes",
+    "parse_hermes",
+    "parse_qwen_xml",
+]
 
 ParsedCall = tuple[str, str]
 """A tool call as (function name, arguments as the text of a JSON object)."""
@@ -202,3 +210,53 @@ def parse_hermes(inner: str, schemas: Schemas, closed: bool) -> list[ParsedCall]
     if not isinstance(args, dict):
         return None
     return [(name, _dumps(args))]
+
+
+_BARE_KEY = '"name"'
+
+
+def bare_call_start(text: str) -> bool | None:
+    """Whether ``text`` opens a Hermes call object written without ``<tool_call>`` tags.
+
+    That is ``{ "name" :`` (any spacing), as llama.cpp's Hermes parser also accepts: weak
+    models (Qwen2.5-Coder) often drop the tags. ``None`` means "too short to tell".
+    """
+    if not text:
+        return None
+    if text[0] != "{":
+        return False
+    i = 1
+    while i < len(text) and text[i].isspace():
+        i += 1
+    seen = text[i : i + len(_BARE_KEY)]
+    if not _BARE_KEY.startswith(seen):
+        return False
+    if len(seen) < len(_BARE_KEY):
+        return None
+    i += len(_BARE_KEY)
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i == len(text):
+        return None
+    return text[i] == ":"
+
+
+def parse_bare_hermes(text: str, schemas: Schemas) -> list[ParsedCall] | None:
+    """Parses untagged call objects separated by whitespace; None unless all of it is calls."""
+    decoder = json.JSONDecoder(parse_constant=_reject_constant)
+    calls: list[ParsedCall] = []
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos == len(text):
+            return calls or None
+        try:
+            _, end = decoder.raw_decode(text, pos)
+        except (ValueError, RecursionError):
+            return None
+        found = parse_hermes(text[pos:end], schemas, True)
+        if not found:
+            return None
+        calls.extend(found)
+        pos = end

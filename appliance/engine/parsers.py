@@ -8,7 +8,9 @@ concatenated content, the concatenated reasoning and the list of tool calls are 
 every way of splitting the same output.
 
 Malformed output never raises and is never lost: a tool-call region that does not parse is
-returned verbatim as content.
+returned verbatim as content. One exception to "release early": Hermes-format output that
+opens with an untagged ``{"name":`` (weak models drop the ``<tool_call>`` tags, and
+llama.cpp accepts that too) is held to the end, then read as calls only if all of it is.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from appliance.engine._parsers_toolcalls import (
     ParsedCall,
     RegionParser,
     Schemas,
+    bare_call_start,
+    parse_bare_hermes,
     parse_hermes,
     parse_qwen_xml,
 )
@@ -109,6 +113,7 @@ class _State(enum.Enum):
     TOOL_CALL = enum.auto()  # inside <tool_call>: buffered until the region closes
     AFTER_CALL = enum.auto()  # between calls: whitespace is dropped
     DONE = enum.auto()  # one call made and parallel calls are off: the rest is ignored
+    BARE_CALL = enum.auto()  # Hermes output opened with an untagged '{"name":': held to the end
 
 
 _REASONING_STATES = frozenset({_State.REASONING_START, _State.REASONING_LEAD, _State.REASONING})
@@ -181,6 +186,9 @@ class OutputParser:
         # Whitespace that preceded the current region: dropped if it is a call, else content.
         self._region_lead = ""
         self._calls: list[ToolCall] = []
+        # Hermes models may answer with an untagged call object, but only as the whole answer.
+        self._bare_allowed = tool_format == "hermes"
+        self._content_emitted = False
         self._finished = False
         self._out = ParsedDelta()
 
@@ -240,6 +248,8 @@ class OutputParser:
             return self._step_tool_call(final)
         if state is _State.AFTER_CALL:
             return self._step_after_call(final)
+        if state is _State.BARE_CALL:
+            return self._step_bare_call(final)
         self._buf = ""  # DONE
         return False
 
@@ -271,6 +281,13 @@ class OutputParser:
 
     def _step_content(self, final: bool) -> bool:
         buf = self._buf
+        if self._bare_allowed and not self._content_emitted and not self._calls:
+            opens = bare_call_start(buf.lstrip())
+            if opens is None and not final:
+                return False  # too short to tell: hold it all
+            if opens:
+                self._state = _State.BARE_CALL
+                return True
         found = _find_first(buf, self._content_tags)
         if found is None:
             keep = 0
@@ -334,6 +351,20 @@ class OutputParser:
         self._state = _State.CONTENT
         return True
 
+    def _step_bare_call(self, final: bool) -> bool:
+        if not final:
+            return False
+        calls = parse_bare_hermes(self._buf, self._schemas)
+        self._bare_allowed = False
+        if calls is None:
+            self._state = _State.CONTENT  # just text that looked like a call: read it as such
+            return True
+        self._buf = ""
+        for name, arguments in calls if self._parallel else calls[:1]:
+            self._emit_call(name, arguments)
+        self._state = _State.DONE
+        return False
+
     def _close_region(self, inner: str, raw_tail: str, *, closed: bool) -> None:
         """Emits the calls in a finished region, or gives its raw text back as content."""
         self._region = []
@@ -359,6 +390,8 @@ class OutputParser:
         return None
 
     def _emit_content(self, text: str) -> None:
+        if text.strip():
+            self._content_emitted = True
         self._out.content += text
 
     def _emit_reasoning(self, text: str) -> None:
