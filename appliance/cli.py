@@ -251,8 +251,13 @@ def _run_models(args: argparse.Namespace, settings: Settings) -> None:
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.command == "serve":
+        from appliance.engine.rpc import RpcError, parse_endpoints, register_rpc_servers
         from appliance.server import serve
 
+        try:  # before the port opens: a bad RPC setup is one line on stderr, exit 1
+            register_rpc_servers(parse_endpoints(settings.rpc_servers))
+        except RpcError as exc:
+            raise CliError(str(exc)) from exc
         serve(settings)
     elif args.command == "keys":
         _run_keys(args, settings)

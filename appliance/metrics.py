@@ -74,6 +74,7 @@ def _loaded_stats(engine: Engine) -> Iterator[tuple[str, dict[str, float]]]:
 
 class Metrics:
     def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -111,6 +112,10 @@ class Metrics:
         r.register(_EngineCollector(engine))
 
     def request(self, endpoint: str, model: str, status: int) -> None:
+        if status >= 400 and model not in self.engine.status().loaded:
+            # A failed request's model is whatever the client sent: labelling with it would
+            # let anyone grow the scrape without bound (one series per made-up name).
+            model = ""
         self.requests.labels(endpoint, model or "-", str(status)).inc()
 
     def usage(self, model: str, key_prefix: str | None, prompt: int, completion: int) -> None:

@@ -83,6 +83,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     cache_type_v: CacheType = "f16"
     """KV cache type for values (quantised V needs flash attention)."""
 
+    rpc_servers: str = ""
+    """Comma-separated host:port of llama.cpp rpc-server workers sharing the layers; LAN only."""
+
     metrics_token: str = ""
     """Bearer token Prometheus must send to GET /metrics; empty = loopback clients only."""
 

@@ -28,7 +28,7 @@ async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stre
         found.metrics.request("completions", body.model, exc.status_code)
         raise
     found.metrics.request("completions", prepared.model.id, 200)
-    echo = body.prompt if body.echo and isinstance(body.prompt, str) else ""
+    echo = service.echo_text(body, prepared) if body.echo else ""
     if body.stream:
         return Stream(
             sse(service.stream(prepared, echo)), media_type="text/event-stream", headers=SSE_HEADERS

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 from appliance.api.protocol import Penalty, StreamOptions, UnitFloat, Usage
 from appliance.errors import InvalidRequestError
@@ -58,7 +58,9 @@ class Completion(msgspec.Struct, kw_only=True):
     model: str
     choices: list[CompletionChoice]
     object: Literal["text_completion"] = "text_completion"
-    usage: Usage | None = None
+    # Left out of the JSON while UNSET (OpenAI's schema has no null here): stream chunks
+    # carry no usage; only the final include_usage chunk and whole responses do.
+    usage: Usage | UnsetType = UNSET
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):

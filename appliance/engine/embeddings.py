@@ -13,7 +13,11 @@ import llama_cpp
 
 from appliance.engine.native import NativeModel
 
-__all__ = ["Embedder"]
+__all__ = ["Embedder", "InputTooLongError"]
+
+
+class InputTooLongError(ValueError):
+    """An input has more tokens than the embedding context holds."""
 
 
 class Embedder:
@@ -46,7 +50,10 @@ class Embedder:
         if not tokens:
             raise ValueError("an input is empty")
         if len(tokens) > self.n_ctx:
-            raise ValueError(f"an input has {len(tokens)} tokens; the limit is {self.n_ctx}")
+            raise InputTooLongError(
+                f"An input uses {len(tokens)} tokens; this model embeds at most {self.n_ctx} "
+                "tokens at a time"
+            )
         with self._lock:
             if self.memory:
                 llama_cpp.llama_memory_clear(self.memory, True)

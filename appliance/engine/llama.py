@@ -64,6 +64,15 @@ class LoadedModel:
     def tokenize(self, text: str) -> list[int]:
         return self.native.tokenize(text, add_special=True)
 
+    @property
+    def n_vocab(self) -> int:
+        return self.native.n_vocab
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of token ids, special tokens included (``special`` pieces are thread-safe)."""
+        pieces = b"".join(self.native.piece(t, special=True) for t in tokens)
+        return pieces.decode("utf-8", errors="replace")
+
     async def generate(
         self, request: GenerationRequest, on_finish: FinishCallback | None = None
     ) -> AsyncIterator[GenerationEvent]:

@@ -9,6 +9,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Literal, cast
 
+from msgspec import UNSET
+
 from appliance.api.protocol_text import (
     Completion,
     CompletionChoice,
@@ -19,8 +21,10 @@ from appliance.api.protocol_text import (
     EmbeddingUsage,
     input_items,
 )
-from appliance.engine.protocol import EmbeddingHandle, Finish, TextDelta
+from appliance.engine.embeddings import InputTooLongError
+from appliance.engine.protocol import EmbeddingHandle, Finish, ModelHandle, TextDelta
 from appliance.errors import ApplianceError, ContextLengthExceededError, InvalidRequestError
+from appliance.metrics import TokenTimer
 from appliance.serving.chat import ChatService, PreparedChat, usage_of
 from appliance.serving.prompts import OutputPlan
 from appliance.store.keys import ApiKey, utcnow
@@ -46,6 +50,7 @@ class CompletionService:
         if isinstance(prompt, str):
             tokens = await asyncio.to_thread(model.tokenize, prompt)
         else:
+            _check_token_ids(model, prompt, "prompt")
             tokens = prompt
         return await self.chat.admit(
             model,
@@ -59,6 +64,16 @@ class CompletionService:
             param="prompt",
         )
 
+    def echo_text(self, request: CompletionRequest, chat: PreparedChat) -> str:
+        """What ``echo`` puts before the completion: the prompt as sent, or its token ids'
+        text."""
+        if isinstance(request.prompt, str):
+            return request.prompt
+        detokenize = getattr(chat.model, "detokenize", None)
+        if detokenize is None:
+            return ""
+        return str(detokenize(chat.generation.prompt))
+
     def _response(self, chat: PreparedChat, text: str, finish: Finish | None) -> Completion:
         return Completion(
             id=chat.id,
@@ -71,14 +86,16 @@ class CompletionService:
                     finish_reason=None if finish is None else _reason(finish),
                 )
             ],
-            usage=None if finish is None else usage_of(finish, 0),
+            usage=UNSET if finish is None else usage_of(finish, 0),
         )
 
     async def complete(self, chat: PreparedChat, echo: str = "") -> Completion:
         parts = [echo]
         finish: Finish | None = None
+        timer = TokenTimer(self.chat.metrics, chat.model.id, chat.t0)
         async for event in self.chat.events(chat):
             if isinstance(event, TextDelta):
+                timer.tick(time.monotonic(), event.tokens)
                 parts.append(event.text)
             else:
                 finish = event
@@ -90,15 +107,17 @@ class CompletionService:
     async def stream(self, chat: PreparedChat, echo: str = "") -> AsyncIterator[Completion]:
         if echo:
             yield self._response(chat, echo, None)
+        timer = TokenTimer(self.chat.metrics, chat.model.id, chat.t0)
         async for event in self.chat.events(chat):
             if isinstance(event, TextDelta):
+                timer.tick(time.monotonic(), event.tokens)
                 if event.text:
                     yield self._response(chat, event.text, None)
                 continue
             if event.reason == "error":
                 raise ApplianceError(f"Generation failed: {event.message}")
             final = self._response(chat, "", event)
-            final.usage = None
+            final.usage = UNSET
             yield final
             if chat.include_usage:
                 yield Completion(
@@ -113,6 +132,9 @@ class CompletionService:
         engine = self.chat.engine
         model = cast(EmbeddingHandle, await engine.get(engine.resolve(request.model)))
         items = input_items(request.input, "input")
+        for item in items:
+            if isinstance(item, list):
+                _check_token_ids(model, item, "input")
         inputs = [
             await asyncio.to_thread(model.tokenize, item) if isinstance(item, str) else item
             for item in items
@@ -133,6 +155,9 @@ class CompletionService:
         except (ValueError, RuntimeError) as exc:
             if ticket is not None:
                 await ledger.void(ticket)
+            if isinstance(exc, InputTooLongError):
+                # The embedding context can be smaller than the generation context.
+                raise ContextLengthExceededError(str(exc), param="input") from exc
             raise InvalidRequestError(f"Could not embed the input: {exc}", param="input") from exc
         if ticket is not None:
             await ledger.settle(
@@ -153,6 +178,17 @@ class CompletionService:
             data=data,
             model=model.id,
             usage=EmbeddingUsage(prompt_tokens=total, total_tokens=total),
+        )
+
+
+def _check_token_ids(model: ModelHandle | EmbeddingHandle, tokens: list[int], param: str) -> None:
+    """A 400 for ids outside the vocabulary: llama.cpp would fail the whole batch on them,
+    taking down every other request decoding alongside."""
+    n_vocab = int(getattr(model, "n_vocab", 0) or 0)
+    if n_vocab and any(t >= n_vocab for t in tokens):
+        raise InvalidRequestError(
+            f"'{param}' contains a token id outside this model's vocabulary (0..{n_vocab - 1})",
+            param=param,
         )
 
 
