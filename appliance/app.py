@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 
 from litestar import Litestar
 
+from appliance.admin.pulls import PullManager
+from appliance.admin.setup import build_admin, record_exception
 from appliance.api.chat import chat_completions
 from appliance.api.completions import completions, embeddings
 from appliance.api.errors import exception_handlers
@@ -19,6 +21,7 @@ from appliance.engine.llama import LlamaEngine
 from appliance.engine.native import NativeModelConfig
 from appliance.engine.protocol import Engine
 from appliance.engine.registry import ModelRegistry
+from appliance.engine.rpc import parse_endpoints, register_rpc_servers
 from appliance.metrics import Metrics
 from appliance.services import Services
 from appliance.serving.chat import ChatService
@@ -38,6 +41,7 @@ EngineFactory = Callable[[Settings], Engine]
 
 def build_engine(settings: Settings) -> Engine:
     """The real llama.cpp engine configured from settings."""
+    register_rpc_servers(parse_endpoints(settings.rpc_servers))  # before any model loads
     llama_logger = logging.getLogger("llama-cpp-python")
     llama_logger.setLevel(logging.DEBUG if settings.log_level == "debug" else logging.ERROR)
     config = NativeModelConfig(
@@ -62,6 +66,8 @@ def build_engine(settings: Settings) -> Engine:
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory = build_engine) -> Litestar:
+    admin = build_admin()
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         db = await Database.open(settings.data_dir)
@@ -88,8 +94,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             chat=chat,
             completions=CompletionService(chat),
             metrics=metrics,
+            pulls=PullManager(settings.models_dir),
         )
         app.state.services = services
+        await admin.start(app, services)
         # The owner's runtime choices override the process defaults.
         aliases = await services.owner.get("aliases", {})
         default_model = await services.owner.get("default_model", "")
@@ -106,6 +114,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             yield
         finally:
             loader.cancel()
+            await services.pulls.close()
             await services.chat.close()
             await engine.close()
             await db.close()
@@ -119,9 +128,13 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             metrics_endpoint,
             completions,
             embeddings,
+            *admin.route_handlers,
         ],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        after_exception=[record_exception],
+        template_config=admin.template_config,
+        csrf_config=admin.csrf_config,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from appliance.admin.live import ErrorLog, LiveSampler
+from appliance.admin.pulls import PullManager
 from appliance.engine.protocol import Engine
 from appliance.metrics import Metrics
 from appliance.serving.chat import ChatService
@@ -28,3 +30,9 @@ class Services:
     chat: ChatService
     completions: CompletionService
     metrics: Metrics
+    pulls: PullManager
+    """Model downloads started from the admin page."""
+    live: LiveSampler = field(default_factory=LiveSampler)
+    """tokens/s for the admin's Live page."""
+    errors: ErrorLog = field(default_factory=ErrorLog)
+    """Recent server errors and error counts (fed by an after_exception hook)."""
