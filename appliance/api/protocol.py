@@ -23,6 +23,7 @@ __all__ = [
     "Delta",
     "FunctionCall",
     "FunctionDef",
+    "GenerationFields",
     "JsonSchemaFormat",
     "ModelCard",
     "ModelList",
@@ -105,11 +106,10 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(msgspec.Struct, kw_only=True):
-    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+class GenerationFields(msgspec.Struct, kw_only=True):
+    """Sampling and streaming fields shared by chat and text completions."""
+
     model: str = ""
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: UnitFloat | None = None
     top_k: Annotated[int, Meta(ge=0)] | None = None
@@ -122,12 +122,18 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     n: Annotated[int, Meta(ge=1, le=1)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(GenerationFields, kw_only=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    user: str | None = None
 
 
 # -- responses ------------------------------------------------------------------------------

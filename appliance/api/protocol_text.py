@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from appliance.api.protocol import Penalty, StreamOptions, UnitFloat, Usage
+from appliance.api.protocol import GenerationFields, Usage
 from appliance.errors import InvalidRequestError
 
 __all__ = [
@@ -25,24 +25,10 @@ __all__ = [
 Inputs = str | Annotated[list[str | int | list[int]], Meta(min_length=1, max_length=256)]
 
 
-class CompletionRequest(msgspec.Struct, kw_only=True):
+class CompletionRequest(GenerationFields, kw_only=True):
     prompt: Inputs
-    model: str = ""
     max_tokens: Annotated[int, Meta(ge=1)] | None = 16
-    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
-    top_p: UnitFloat | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
-    min_p: UnitFloat | None = None
-    seed: int | None = None
-    stop: str | Annotated[list[str], Meta(max_length=16)] | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    repeat_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
-    n: Annotated[int, Meta(ge=1, le=1)] | None = None
     echo: bool | None = False
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
 
 
 class CompletionChoice(msgspec.Struct, kw_only=True):

@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import msgspec
 from msgspec import UNSET
@@ -21,9 +21,9 @@ from appliance.api.protocol import (
     CompletionTokensDetails,
     Delta,
     FunctionCall,
+    GenerationFields,
     PromptTokensDetails,
     ResponseMessage,
-    StreamOptions,
     ToolCall,
     ToolCallChunk,
     ToolCallFunctionChunk,
@@ -120,7 +120,7 @@ class ChatService:
         prompt: list[int],
         key: ApiKey | None,
         *,
-        request: SamplingRequest,
+        request: GenerationFields,
         asked: int | None,
         plan: OutputPlan,
         id_prefix: str,
@@ -287,14 +287,7 @@ class ChatService:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
 
-class SamplingRequest(Protocol):
-    """The request fields admission reads (chat and text completions both have them)."""
-
-    stop: str | list[str] | None
-    stream_options: StreamOptions | None
-
-
-def _sampling(request: SamplingRequest, grammar: str | None) -> SamplingParams:
+def _sampling(request: GenerationFields, grammar: str | None) -> SamplingParams:
     values: dict[str, Any] = {"grammar": grammar}
     for name in (
         "temperature",
