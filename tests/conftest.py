@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,12 @@ from tests.helpers import create_key, wait_for
 
 @pytest.fixture(autouse=True)
 def _clean_appliance_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No ``APPLIANCE_*`` variable from the developer's shell leaks into a test."""
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
+    """No ``APPLIANCE_<SETTING>`` variable from the developer's shell leaks into a test.
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+    Only settings are removed: test switches such as ``APPLIANCE_TEST_CACHE`` stay.
+    """
+    for field in Settings.__struct_fields__:
+        monkeypatch.delenv(ENV_PREFIX + field.upper(), raising=False)
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:

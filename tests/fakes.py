@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from appliance.engine.protocol import (
     EngineStatus,
@@ -76,11 +77,14 @@ class FakeModel:
     async def generate(
         self, request: GenerationRequest, on_finish: FinishCallback | None = None
     ) -> AsyncIterator[GenerationEvent]:
+        """Like ``LoadedModel.generate``: ``on_finish`` runs once, on the loop, after the
+        consumer has handled the Finish event, or when it leaves early (then with reason
+        ``cancelled`` and the tokens made so far)."""
         self.requests.append(request)
-        loop = asyncio.get_running_loop()
         stops = StopBuffer(request.stop)
         generated = 0
         finish: Finish | None = None
+        delivered = False
 
         def done(reason: str, message: str = "") -> Finish:
             nonlocal finish
@@ -91,14 +95,19 @@ class FakeModel:
                 message=message,
             )
             self.finishes.append(finish)
-            if on_finish is not None:
-                # Like the real engine: on the loop, independent of the consumer.
-                loop.call_soon(on_finish, finish)
             return finish
+
+        def deliver() -> None:
+            nonlocal delivered
+            if not delivered and finish is not None:
+                delivered = True
+                if on_finish is not None:
+                    on_finish(finish)
 
         try:
             if self.fail_with:
                 yield done("error", self.fail_with)
+                deliver()
                 return
             reason = "stop"
             for piece in self._pieces():
@@ -117,11 +126,13 @@ class FakeModel:
             if tail:
                 yield TextDelta(text=tail, tokens=0)
             yield done(reason)
+            deliver()
         finally:
             if finish is None:
                 # The consumer left (aclose or cancellation) before the end: bill what was made.
                 self.cancellations.append(Cancellation(request, generated))
                 done("cancelled")
+            deliver()
 
 
 class FakeEngine:
@@ -144,6 +155,8 @@ class FakeEngine:
         self.started = False
         self.closed = False
         self.gets: list[str] = []
+        self.unloaded: list[str] = []
+        self.model_options: dict[str, dict[str, Any]] = {}
         self._created = int(time.time())
 
     @property
@@ -190,6 +203,25 @@ class FakeEngine:
             running=0,
             queued=0,
         )
+
+    def configure(
+        self,
+        *,
+        aliases: dict[str, str] | None = None,
+        default_model: str | None = None,
+        model_options: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        if aliases is not None:
+            self.aliases = dict(aliases)
+        if default_model and default_model in self.handles:
+            # The default model is the first one.
+            first = self.handles.pop(default_model)
+            self.handles = {first.id: first, **self.handles}
+        self.model_options = dict(model_options or {})
+
+    async def unload(self, model_id: str) -> bool:
+        self.unloaded.append(model_id)
+        return model_id in self.handles
 
     async def start(self) -> None:
         self.started = True
