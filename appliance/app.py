@@ -115,8 +115,11 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
         finally:
             loader.cancel()
             await services.pulls.close()
-            await services.chat.close()
+            # Stop generation first: its last Finish events settle through the ledger,
+            # and those writes must land before the database closes.
             await engine.close()
+            await asyncio.sleep(0.05)  # let the engine's final callbacks reach the loop
+            await services.chat.close()
             await db.close()
 
     return Litestar(

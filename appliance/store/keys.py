@@ -14,7 +14,7 @@ import msgspec
 from appliance.errors import AuthenticationError, InvalidRequestError, NotFoundError
 from appliance.store.db import Database, Row
 from appliance.store.keyformat import display_prefix, generate_key, hash_key, is_well_formed
-from appliance.store.money import format_credits
+from appliance.store.money import MAX_NANOS, format_credits
 
 __all__ = ["ApiKey", "KeyLimits", "KeyStore", "KeySummary", "utcnow"]
 
@@ -141,10 +141,18 @@ class KeyStore:
             raise InvalidRequestError("A key name must be 1 to 100 characters", param="name")
         _check_limits(limits)
         expires = normalise_expiry(limits.expires) if limits.expires else None
+        if limits.unlimited and limits.allowance:
+            # The ledger would credit the allowance into a balance, silently ending "unlimited".
+            raise InvalidRequestError(
+                "An unlimited key cannot have an allowance: give it credits instead",
+                param="allowance",
+            )
         balance = limits.credits
         kind = "topup"
         if balance is None and not limits.unlimited and starter_credits:
             balance, kind = starter_credits, "starter"
+        if balance is None and limits.allowance:
+            balance = 0  # a key living on its allowance is limited from the start
         key = generate_key()
         created = utcnow()
 
@@ -215,6 +223,11 @@ class KeyStore:
                 )
             if row["balance"] + amount < row["reserved"]:
                 raise InvalidRequestError("A top-up cannot make a balance negative", param="amount")
+            if row["balance"] + amount > MAX_NANOS:
+                # SQLite would turn the overflowing INTEGER into an inexact REAL.
+                raise InvalidRequestError(
+                    "A balance cannot exceed that many credits", param="amount"
+                )
             await conn.execute(
                 "UPDATE keys SET balance = balance + ? WHERE id = ?", (amount, row["id"])
             )

@@ -180,9 +180,11 @@ class Ledger:
     ) -> None:
         key_id = row["id"]
         if row["concurrency"] is not None:
+            # "+key_id" steers SQLite to the partial index of pending rows; the (key_id,
+            # created) index would visit every reservation the key ever made.
             running = await _one(
                 conn,
-                "SELECT count(*) FROM reservations WHERE key_id = ? AND status = 'pending'",
+                "SELECT count(*) FROM reservations WHERE +key_id = ? AND status = 'pending'",
                 (key_id,),
             )
             if running[0] >= row["concurrency"]:
