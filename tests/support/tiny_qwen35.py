@@ -307,12 +307,16 @@ def _write_tensors(writer: GGUFWriter, cfg: TinyQwen35Config) -> None:
             writer.add_tensor(p + "ffn_down.weight", w.matrix(e, cfg.n_ff))
 
 
-def write_tiny_qwen35(path: Path, *, moe: bool = True) -> Path:
+def write_tiny_qwen35(
+    path: Path, *, moe: bool = True, config: TinyQwen35Config | None = None
+) -> Path:
     """Write a tiny random ``qwen35moe`` (default) or dense ``qwen35`` GGUF to ``path``.
 
-    The output is byte-for-byte deterministic. Returns ``path``.
+    ``config`` overrides the tiny hyperparameters (``bench/gpu/make_qwen35moe.py`` writes
+    a model with the real 35B-A3B layer shapes this way). The output is byte-for-byte
+    deterministic. Returns ``path``.
     """
-    cfg = tiny_qwen35_config(moe=moe)
+    cfg = config or tiny_qwen35_config(moe=moe)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(path, cfg.arch)
