@@ -51,7 +51,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """Most tokens one llama_decode call processes (prompt chunks plus decoding tokens)."""
 
     n_gpu_layers: int = -1
-    """Layers offloaded to the GPU; -1 = all that the build supports (no effect on CPU builds)."""
+    """Layers offloaded to the GPU; -1 = auto: all that fit the GPUs' free memory (estimated
+    from the GGUF header and context size before loading), 0 = CPU only. No effect on CPU
+    builds."""
 
     max_body_bytes: int = 8 * 1024 * 1024
     """Largest accepted request body in bytes; larger bodies get a 413 error."""
