@@ -137,6 +137,8 @@ class TokenTimer:
         self.model = model
         self.last = started
         self.first = True
+        # The labelled child, looked up once (labels() takes a lock and builds a key).
+        self._itl: Histogram | None = None
 
     def tick(self, now: float, tokens: int) -> None:
         if self.metrics is None or tokens <= 0:
@@ -148,7 +150,9 @@ class TokenTimer:
         else:
             # Several tokens may arrive in one delta (held-back text): spread the gap.
             per = gap / tokens
-            hist = self.metrics.itl.labels(self.model)
+            hist = self._itl
+            if hist is None:
+                hist = self._itl = self.metrics.itl.labels(self.model)
             for _ in range(tokens):
                 hist.observe(per)
         self.last = now

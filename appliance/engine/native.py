@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 __all__ = ["NativeModel", "NativeModelConfig", "Sampler"]
 
@@ -113,6 +114,10 @@ class NativeModel:
             or llama_cpp.llama_model_is_hybrid(self.model)
         )
         self._piece = ctypes.create_string_buffer(256)
+        # Scheduler-thread caches: every generated token needs its bytes and its end-of-
+        # generation flag, and both are fixed per vocabulary entry.
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
 
     def _special_text(self, token: int) -> str:
         if token < 0:
@@ -141,8 +146,18 @@ class NativeModel:
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
+    def token_piece(self, token: int) -> bytes:
+        """``piece(token)``, cached (the scheduler thread only)."""
+        data = self._pieces.get(token)
+        if data is None:
+            data = self._pieces[token] = self.piece(token)
+        return data
+
     def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     def seq_rm(self, seq_id: int, p0: int, p1: int = -1) -> bool:
         return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
@@ -192,15 +207,26 @@ class Sampler:
         presence_penalty: float,
         grammar: str | None,
     ) -> None:
+        self.chain: llama_cpp.llama_sampler_p | None = None
+        self.n_vocab = native.n_vocab
+        penalties = repeat_penalty != 1.0 or frequency_penalty or presence_penalty
+        # Plain greedy decoding (the common temperature-0 case) needs no sampler chain: the
+        # chain would copy the whole logits row into a candidates array just to find its
+        # maximum. numpy's argmax returns the first maximum, as llama.cpp's greedy sampler.
+        self.greedy = temperature <= 0 and not penalties and not grammar
+        if self.greedy:
+            return
         self.chain = llama_cpp.llama_sampler_chain_init(
             llama_cpp.llama_sampler_chain_default_params()
         )
         add = llama_cpp.llama_sampler_chain_add
-        if repeat_penalty != 1.0 or frequency_penalty or presence_penalty:
+        if penalties:
             add(
                 self.chain,
+                # This llama.cpp takes n_vocab first (without it every penalised request
+                # raised TypeError in the scheduler thread and took the engine down).
                 llama_cpp.llama_sampler_init_penalties(
-                    64, repeat_penalty, frequency_penalty, presence_penalty
+                    native.n_vocab, 64, repeat_penalty, frequency_penalty, presence_penalty
                 ),
             )
         if grammar:
@@ -225,6 +251,17 @@ class Sampler:
 
     def sample(self, native: NativeModel, index: int) -> int:
         """Sample from the logits at batch position ``index`` and accept the token."""
+        if self.chain is None:
+            logits = llama_cpp.llama_get_logits_ith(native.ctx, index)
+            if not logits:
+                raise RuntimeError(f"no logits at batch position {index}")
+            values = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+            token = int(values.argmax())
+            if np.isnan(values[token]):
+                # numpy stops at the first NaN; llama.cpp's comparison skips NaNs unless the
+                # first logit is one. Broken logits still pick the same token.
+                return 0 if np.isnan(values[0]) else int(np.nanargmax(values))
+            return token
         return int(llama_cpp.llama_sampler_sample(self.chain, native.ctx, index))
 
     def close(self) -> None:

@@ -288,11 +288,13 @@ class OutputParser:
             if opens:
                 self._state = _State.BARE_CALL
                 return True
-        found = _find_first(buf, self._content_tags)
+        # Every tag starts with "<": plain text (most pieces) skips the tag scans.
+        tagged = "<" in buf
+        found = _find_first(buf, self._content_tags) if tagged else None
         if found is None:
             keep = 0
             if not final:
-                keep = _partial_tag_len(buf, self._content_tags)
+                keep = _partial_tag_len(buf, self._content_tags) if tagged else 0
                 if self._tool_format:
                     # Whitespace right before a tool call is dropped, so it waits to see.
                     keep += _trailing_space_len(buf[: len(buf) - keep])

@@ -9,7 +9,6 @@ processes the new tokens.
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import collections
 import logging
@@ -18,81 +17,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.engine.job import Job, Outbox
 from appliance.engine.native import NativeModel, Sampler
-from appliance.engine.protocol import (
-    Finish,
-    FinishCallback,
-    FinishReason,
-    GenerationEvent,
-    GenerationRequest,
-    TextDelta,
-)
+from appliance.engine.protocol import Finish, FinishReason, TextDelta
 from appliance.engine.stops import StopBuffer
 from appliance.errors import OverloadedError
 
 __all__ = ["BatchScheduler", "Job", "SchedulerStats"]
 
 _log = logging.getLogger(__name__)
-
-
-class Job:
-    """A request crossing from the event loop to the scheduler thread and back."""
-
-    def __init__(
-        self,
-        request: GenerationRequest,
-        loop: asyncio.AbstractEventLoop,
-        on_finish: FinishCallback | None = None,
-    ) -> None:
-        self.request = request
-        self.loop = loop
-        self.on_finish = on_finish
-        self.events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        self.cancelled = False  # set from the loop; read by the scheduler (a plain bool is atomic)
-        self.enqueued = time.monotonic()
-        # Loop-thread state: on_finish runs once, after the consumer has handled the Finish
-        # event, or as soon as both the Finish exists and the consumer is gone.
-        self.final: Finish | None = None
-        self.consumer_gone = False
-        self._delivered = False
-
-    def emit(self, event: GenerationEvent) -> None:
-        """Called from the scheduler thread."""
-        try:
-            if isinstance(event, Finish):
-                self.loop.call_soon_threadsafe(self._finished, event)
-            else:
-                self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:
-            pass  # the loop is closed: nobody is listening any more
-
-    def _finished(self, event: Finish) -> None:
-        self.final = event
-        self.events.put_nowait(event)
-        if self.consumer_gone:
-            self.deliver()
-
-    def deliver(self) -> None:
-        """Run on_finish once (loop thread only)."""
-        if self._delivered or self.final is None:
-            return
-        self._delivered = True
-        if self.on_finish is not None:
-            self.on_finish(self.final)
-
-    def finish_unstarted(self, reason: FinishReason, message: str = "") -> None:
-        """End a job that never reached a slot (cancelled while queued, or shutdown)."""
-        self.emit(
-            Finish(
-                reason=reason,
-                prompt_tokens=len(self.request.prompt),
-                completion_tokens=0,
-                message=message,
-            )
-        )
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 @dataclass(slots=True)
@@ -156,6 +89,8 @@ class BatchScheduler:
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
+        # Events of one step go to the event loop together (scheduler thread only).
+        self._outbox = Outbox()
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -194,6 +129,7 @@ class BatchScheduler:
                         break
                     self._admit()
                 self._step()
+                self._outbox.flush()
         except Exception:  # a bug here must not hang clients: fail everything and log it
             _log.exception("engine scheduler crashed")
             self._fail_all("The engine failed; see the server log.")
@@ -206,6 +142,7 @@ class BatchScheduler:
             for slot in self.slots:
                 if slot.seq is not None:
                     self._finish(slot, "cancelled")
+            self._outbox.flush()
 
     def _active(self) -> int:
         return sum(1 for s in self.slots if s.seq is not None)
@@ -369,7 +306,7 @@ class BatchScheduler:
             self._finish(slot, "stop")
             return
         seq.last_token = token
-        text = seq.stops.push(seq.decoder.decode(native.piece(token)))
+        text = seq.stops.push(seq.decoder.decode(native.token_piece(token)))
         if seq.stops.stopped:
             self._emit_text(seq, text)
             self._finish(slot, "stop")
@@ -385,7 +322,7 @@ class BatchScheduler:
 
     def _emit_text(self, seq: _Sequence, text: str) -> None:
         if text:
-            seq.job.emit(TextDelta(text=text, tokens=seq.unreported))
+            self._outbox.put(seq.job, TextDelta(text=text, tokens=seq.unreported))
             seq.unreported = 0
 
     def _finish(self, slot: _Slot, reason: FinishReason, message: str = "") -> None:
@@ -396,14 +333,15 @@ class BatchScheduler:
             tail += seq.stops.flush()
             self._emit_text(seq, tail)
         seq.sampler.close()
-        seq.job.emit(
+        self._outbox.put(
+            seq.job,
             Finish(
                 reason=reason,
                 prompt_tokens=len(seq.prompt),
                 completion_tokens=seq.generated,
                 cached_tokens=seq.cached,
                 message=message,
-            )
+            ),
         )
         slot.seq = None
         slot.last_used = time.monotonic()
