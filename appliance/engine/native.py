@@ -15,6 +15,9 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from appliance.engine.gguf_meta import GGUFError, read_gguf_metadata
+from appliance.engine.gpufit import ALL_LAYERS, resolve_gpu_layers
+
 __all__ = ["NativeModel", "NativeModelConfig", "Sampler"]
 
 _log = logging.getLogger(__name__)
@@ -47,6 +50,31 @@ class NativeModelConfig:
     cache_type_v: str = "f16"
 
 
+def _gpu_layers(path: Path, config: NativeModelConfig) -> int:
+    """``config.n_gpu_layers``, or for -1 the layers that fit the GPUs' free memory."""
+    if config.n_gpu_layers >= 0:
+        return config.n_gpu_layers
+    try:
+        meta = read_gguf_metadata(path)
+    except (OSError, GGUFError):
+        return ALL_LAYERS  # llama.cpp's own load reports what is wrong with the file
+    arch = meta.get("general.architecture", "")
+    n_ctx_train = meta.get(f"{arch}.context_length", 0)
+    per_seq = config.ctx_size or min(n_ctx_train or 8192, 8192)
+    if isinstance(n_ctx_train, int) and n_ctx_train:
+        per_seq = min(per_seq, n_ctx_train)
+    parallel = max(1, config.parallel)
+    return resolve_gpu_layers(
+        config.n_gpu_layers,
+        path,
+        meta,
+        ctx_total=per_seq * parallel,
+        n_seq=parallel,
+        cache_type_k=config.cache_type_k,
+        cache_type_v=config.cache_type_v,
+    )
+
+
 def _meta(model: ctypes.c_void_p, key: str) -> str | None:
     buf = ctypes.create_string_buffer(256)
     n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
@@ -64,7 +92,7 @@ class NativeModel:
     def __init__(self, path: Path, config: NativeModelConfig) -> None:
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = 999 if config.n_gpu_layers < 0 else config.n_gpu_layers
+        mparams.n_gpu_layers = _gpu_layers(path, config)
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise ValueError(f"llama.cpp could not load {path.name}")
@@ -168,7 +196,9 @@ class NativeModel:
         size = llama_cpp.llama_state_seq_get_size_ext(self.ctx, seq_id, flags)
         buf = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data_ext(self.ctx, buf, size, seq_id, flags)
-        return bytes(buf[:written])
+        # One memcpy. (``bytes(buf[:written])`` builds a list of Python ints first: ~2 s per
+        # checkpoint for Qwen 3.5 35B-A3B's ~60 MB of recurrent state, measured on an H200.)
+        return ctypes.string_at(buf, written)
 
     def restore_partial_state(self, seq_id: int, data: bytes) -> bool:
         flags = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.support.tiny_qwen35 import TinyQwen35Config, write_tiny_qwen35  # noqa: E402
+from tests.support.tiny_qwen35 import TinyQwen35Config, write_tiny_qwen35
 
 
 def a3b_config(layers: int, experts: int) -> TinyQwen35Config:
