@@ -55,26 +55,38 @@ def test_non_stream_completion(
     assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= 24
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
-    raw = http.post("/v1/chat/completions", json={
-        "model": e2e_server.model, "messages": [{"role": "user", "content": "Say hello."}],
-        "max_tokens": 8,
-    })
+    raw = http.post(
+        "/v1/chat/completions",
+        json={
+            "model": e2e_server.model,
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "max_tokens": 8,
+        },
+    )
     assert raw.status_code == 200
     validate(raw.json(), "CreateChatCompletionResponse")
 
 
 def test_default_model_when_none_is_named(http: httpx.Client, e2e_server: E2EServer) -> None:
-    response = http.post("/v1/chat/completions",
-                         json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    response = http.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+    )
     assert response.status_code == 200
     assert response.json()["model"] == e2e_server.model
 
 
 def test_stream_with_usage_raw(http: httpx.Client, e2e_server: E2EServer) -> None:
-    chunks = raw_stream(http, {
-        "model": e2e_server.model, "messages": STORY, "max_tokens": 16, "temperature": 0,
-        "stream_options": {"include_usage": True},
-    })
+    chunks = raw_stream(
+        http,
+        {
+            "model": e2e_server.model,
+            "messages": STORY,
+            "max_tokens": 16,
+            "temperature": 0,
+            "stream_options": {"include_usage": True},
+        },
+    )
     first = chunks[0]
     assert first["choices"][0]["delta"]["role"] == "assistant"
     assert {(c["id"], c["created"], c["model"]) for c in chunks} == {
@@ -92,12 +104,18 @@ def test_stream_with_usage_raw(http: httpx.Client, e2e_server: E2EServer) -> Non
 
 def test_stream_with_usage_sdk(sdk: openai.OpenAI, e2e_server: E2EServer) -> None:
     stream = sdk.chat.completions.create(
-        model=e2e_server.model, messages=STORY, temperature=0, max_tokens=12, stream=True,
+        model=e2e_server.model,
+        messages=STORY,
+        temperature=0,
+        max_tokens=12,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
-    validate(json.loads(chunks[0].model_dump_json(exclude_unset=True)),
-             "CreateChatCompletionStreamResponse")
+    validate(
+        json.loads(chunks[0].model_dump_json(exclude_unset=True)),
+        "CreateChatCompletionStreamResponse",
+    )
     assert chunks[-1].choices == []
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
@@ -154,10 +172,41 @@ def test_max_completion_tokens(sdk: openai.OpenAI, e2e_server: E2EServer) -> Non
     assert result.choices[0].finish_reason == "length"
     assert result.usage is not None and result.usage.completion_tokens == 7
     both = sdk.chat.completions.create(
-        model=e2e_server.model, messages=STORY, temperature=0, max_tokens=30,
+        model=e2e_server.model,
+        messages=STORY,
+        temperature=0,
+        max_tokens=30,
         max_completion_tokens=3,
     )
     assert both.usage is not None and both.usage.completion_tokens == 3
+
+
+def test_penalties_and_sampling_knobs_complete_and_server_keeps_serving(
+    sdk: openai.OpenAI, e2e_server: E2EServer
+) -> None:
+    """Penalised sampling runs on the real engine (it once crashed the scheduler thread)."""
+    knobs: list[dict[str, Any]] = [
+        {"frequency_penalty": 0.8},
+        {"presence_penalty": 0.6},
+        {"extra_body": {"repeat_penalty": 1.3}},
+        {
+            "frequency_penalty": 0.5,
+            "presence_penalty": 0.5,
+            "top_p": 0.9,
+            "seed": 7,
+            "temperature": 0.7,
+            "extra_body": {"repeat_penalty": 1.1, "top_k": 20, "min_p": 0.05},
+        },
+    ]
+    for extra in knobs:
+        result = sdk.chat.completions.create(
+            model=e2e_server.model, messages=STORY, max_tokens=12, **{"temperature": 0, **extra}
+        )
+        assert result.choices[0].finish_reason in ("length", "stop"), extra
+        assert result.usage is not None and 0 < result.usage.completion_tokens <= 12
+        assert result.choices[0].message.content
+    # The engine is still alive for everyone else.
+    assert greedy(sdk, e2e_server.model, 5).usage.completion_tokens == 5
 
 
 def test_seed_makes_sampling_reproducible(sdk: openai.OpenAI, e2e_server: E2EServer) -> None:
@@ -194,8 +243,13 @@ def test_context_overflow(sdk: openai.OpenAI, e2e_server: E2EServer) -> None:
 
 @pytest.mark.parametrize(
     ("change", "param"),
-    [({"temperature": 3}, "temperature"), ({"top_p": 2}, "top_p"),
-     ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n"), ({"messages": []}, "messages")],
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 2}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 2}, "n"),
+        ({"messages": []}, "messages"),
+    ],
 )
 def test_invalid_requests_are_400(
     http: httpx.Client, e2e_server: E2EServer, change: dict[str, Any], param: str
@@ -210,11 +264,18 @@ def test_invalid_requests_are_400(
 
 def test_text_content_parts(sdk: openai.OpenAI, e2e_server: E2EServer) -> None:
     as_parts = sdk.chat.completions.create(
-        model=e2e_server.model, temperature=0, max_tokens=12,
-        messages=[{"role": "user", "content": [
-            {"type": "text", "text": "Write a very long story "},
-            {"type": "text", "text": "about a dragon."},
-        ]}],
+        model=e2e_server.model,
+        temperature=0,
+        max_tokens=12,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Write a very long story "},
+                    {"type": "text", "text": "about a dragon."},
+                ],
+            }
+        ],
     )
     plain = greedy(sdk, e2e_server.model, 12)
     assert as_parts.choices[0].message.content == plain.choices[0].message.content
@@ -225,10 +286,19 @@ def test_text_content_parts(sdk: openai.OpenAI, e2e_server: E2EServer) -> None:
 def test_image_parts_are_400(sdk: openai.OpenAI, e2e_server: E2EServer) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         sdk.chat.completions.create(
-            model=e2e_server.model, max_tokens=4,
-            messages=[{"role": "user", "content": [
-                {"type": "text", "text": "What is in this image?"},
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
-            ]}],
+            model=e2e_server.model,
+            max_tokens=4,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is in this image?"},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="},
+                        },
+                    ],
+                }
+            ],
         )
     assert info.value.param == "messages"
