@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, post
+from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from appliance.api.deps import authenticate, decode_body, services
@@ -43,7 +44,10 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
     found.metrics.request("chat", prepared.model.id, 200)
     if body.stream:
         return Stream(
-            sse(chat.stream(prepared)), media_type="text/event-stream", headers=SSE_HEADERS
+            sse(chat.stream(prepared)),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+            background=BackgroundTask(chat.release_unstarted, prepared),
         )
     result = await chat.complete(prepared)
     return Response(msgspec.json.encode(result), media_type="application/json")

@@ -6,6 +6,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, post
+from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from appliance.api.chat import SSE_HEADERS, sse
@@ -31,7 +32,10 @@ async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stre
     echo = service.echo_text(body, prepared) if body.echo else ""
     if body.stream:
         return Stream(
-            sse(service.stream(prepared, echo)), media_type="text/event-stream", headers=SSE_HEADERS
+            sse(service.stream(prepared, echo)),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+            background=BackgroundTask(service.chat.release_unstarted, prepared),
         )
     result = await service.complete(prepared, echo)
     return Response(msgspec.json.encode(result), media_type="application/json")

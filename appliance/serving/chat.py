@@ -66,6 +66,7 @@ class PreparedChat(msgspec.Struct, kw_only=True):
     ticket: Ticket | None = None
     reasoning_tokens: int = 0
     t0: float = 0.0
+    submitted: bool = False  # handed to the engine (from then on, on_finish settles the hold)
 
 
 class ChatService:
@@ -243,6 +244,7 @@ class ChatService:
     async def events(self, chat: PreparedChat) -> AsyncIterator[TextDelta | Finish]:
         # on_finish fires with the final counts even when the client has gone, so a stream
         # cut by a disconnect is billed for exactly the tokens it generated.
+        chat.submitted = True
         events = chat.model.generate(chat.generation, lambda finish: self._settle(chat, finish))
         try:
             async for event in events:
@@ -251,6 +253,20 @@ class ChatService:
             if chat.ticket is not None:  # never reached the engine: release the hold
                 self._spawn(self.ledger.void(chat.ticket))
             raise
+
+    async def release_unstarted(self, chat: PreparedChat) -> None:
+        """Void the hold of a stream whose body never started (its client left first).
+
+        A streaming response's generator only runs once the server starts sending. Litestar
+        (with anyio) starts it even when the client is already gone, and on_finish then
+        settles the cancelled job; this guard keeps the ledger exact without relying on that
+        ordering: a body that never ran would otherwise leave its reservation pending
+        (credits and a concurrency slot held) until the next restart. Runs after every
+        streamed response; a no-op once the request reached the engine.
+        """
+        if chat.ticket is not None and not chat.submitted:
+            chat.submitted = True
+            self._spawn(self.ledger.void(chat.ticket))
 
     def _settle(self, chat: PreparedChat, finish: Finish) -> None:
         if self.metrics is not None:

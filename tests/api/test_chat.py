@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from litestar.testing import TestClient
 from appliance.app import create_app
 from appliance.engine.protocol import SamplingParams
 from appliance.settings import Settings
+from appliance.store.db import DB_FILENAME
 from tests.fakes import FakeEngine, FakeModel
 from tests.helpers import create_key, list_keys, parse_sse, wait_for
 from tests.support.openai_schema import validate
@@ -77,9 +79,7 @@ def check_stream(chunks: list[dict[str, Any]], *, include_usage: bool) -> dict[s
 
 
 def text_of(chunks: list[dict[str, Any]]) -> str:
-    return "".join(
-        c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
-    )
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
 
 
 # -- non-streaming ---------------------------------------------------------------------------
@@ -111,13 +111,12 @@ def test_ids_are_unique(client: TestClient[Litestar], auth: dict[str, str]) -> N
     assert len({chat(client, auth)["id"] for _ in range(5)}) == 5
 
 
-def test_default_model_when_none_named(
-    client: TestClient[Litestar], auth: dict[str, str]
-) -> None:
+def test_default_model_when_none_named(client: TestClient[Litestar], auth: dict[str, str]) -> None:
     body = chat(client, auth, model="")
     assert body["model"] == "fake-model"
-    response = client.post("/v1/chat/completions", json={"messages": GOOD["messages"]},
-                           headers=auth)
+    response = client.post(
+        "/v1/chat/completions", json={"messages": GOOD["messages"]}, headers=auth
+    )
     assert response.status_code == 200
     assert response.json()["model"] == "fake-model"
 
@@ -171,11 +170,27 @@ def test_stop_strings(
 def test_sampling_parameters_reach_the_engine(
     client: TestClient[Litestar], auth: dict[str, str], engine: FakeEngine
 ) -> None:
-    chat(client, auth, temperature=0.3, top_p=0.5, top_k=7, min_p=0.1, seed=42,
-         presence_penalty=0.5, frequency_penalty=-0.5, repeat_penalty=1.1)
+    chat(
+        client,
+        auth,
+        temperature=0.3,
+        top_p=0.5,
+        top_k=7,
+        min_p=0.1,
+        seed=42,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repeat_penalty=1.1,
+    )
     assert engine.default.requests[-1].sampling == SamplingParams(
-        temperature=0.3, top_p=0.5, top_k=7, min_p=0.1, seed=42,
-        presence_penalty=0.5, frequency_penalty=-0.5, repeat_penalty=1.1,
+        temperature=0.3,
+        top_p=0.5,
+        top_k=7,
+        min_p=0.1,
+        seed=42,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        repeat_penalty=1.1,
     )
     chat(client, auth)
     assert engine.default.requests[-1].sampling == SamplingParams()
@@ -203,9 +218,21 @@ def test_unknown_fields_are_ignored(client: TestClient[Litestar], auth: dict[str
 
 
 def test_explicit_nulls_are_accepted(client: TestClient[Litestar], auth: dict[str, str]) -> None:
-    body = chat(client, auth, temperature=None, top_p=None, max_tokens=None, stop=None,
-                seed=None, n=None, stream=None, stream_options=None, tools=None,
-                tool_choice=None, response_format=None)
+    body = chat(
+        client,
+        auth,
+        temperature=None,
+        top_p=None,
+        max_tokens=None,
+        stop=None,
+        seed=None,
+        n=None,
+        stream=None,
+        stream_options=None,
+        tools=None,
+        tool_choice=None,
+        response_format=None,
+    )
     assert body["choices"][0]["message"]["content"] == HELLO
 
 
@@ -214,8 +241,10 @@ def test_text_content_parts(
 ) -> None:
     messages = [
         {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-        {"role": "user", "content": [{"type": "text", "text": "Hello "},
-                                     {"type": "text", "text": "there"}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}],
+        },
     ]
     body = chat(client, auth, messages=messages)
     assert body["choices"][0]["message"]["content"] == HELLO
@@ -251,8 +280,9 @@ def test_non_text_content_parts_are_400(
     client: TestClient[Litestar], auth: dict[str, str], engine: FakeEngine, part: Any
 ) -> None:
     messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]
-    response = client.post("/v1/chat/completions", json={**GOOD, "messages": messages},
-                           headers=auth)
+    response = client.post(
+        "/v1/chat/completions", json={**GOOD, "messages": messages}, headers=auth
+    )
     assert response.status_code == 400, response.text
     body = response.json()
     validate(body, "ErrorResponse")
@@ -316,8 +346,9 @@ def test_stream_equals_non_stream(client: TestClient[Litestar], auth: dict[str, 
 def test_stream_errors_before_first_byte_are_plain_http_errors(
     client: TestClient[Litestar], auth: dict[str, str]
 ) -> None:
-    response = client.post("/v1/chat/completions",
-                           json={**GOOD, "stream": True, "model": "nope"}, headers=auth)
+    response = client.post(
+        "/v1/chat/completions", json={**GOOD, "stream": True, "model": "nope"}, headers=auth
+    )
     assert response.status_code == 404
     validate(response.json(), "ErrorResponse")
 
@@ -383,6 +414,8 @@ async def _stream_then_disconnect(app: Litestar, key: str, after_chunks: int) ->
     """POST a stream, read ``after_chunks`` body messages, then report the client gone."""
     body = json.dumps({**GOOD, "stream": True}).encode()
     gone = asyncio.Event()
+    if after_chunks == 0:
+        gone.set()  # the client is gone before the server sends anything
     received: list[bytes] = []
     request_sent = False
 
@@ -446,9 +479,7 @@ def test_disconnect_cancels_generation_and_bills_what_was_made(
 
         # The server still serves, and the cut stream was billed for what it generated.
         auth = {"Authorization": f"Bearer {api_key}"}
-        response = client.post(
-            "/v1/chat/completions", json={**GOOD, "max_tokens": 2}, headers=auth
-        )
+        response = client.post("/v1/chat/completions", json={**GOOD, "max_tokens": 2}, headers=auth)
         assert response.status_code == 200
         summary = wait_for(
             lambda: (k := list_keys(settings.data_dir)["test"]).requests == 2 and k,
@@ -456,3 +487,27 @@ def test_disconnect_cancels_generation_and_bills_what_was_made(
             what="both requests to be billed",
         )
         assert summary.completion_tokens == cancelled.completion_tokens + 2
+
+
+def test_client_gone_before_the_first_byte_leaves_no_hold(settings: Settings, api_key: str) -> None:
+    """Clients that leave before any byte: every hold ends settled or voided, none pending."""
+    model = FakeModel(endless=True, delay=0.01)
+    engine = FakeEngine([model])
+    app = create_app(settings, engine_factory=lambda _: engine)
+
+    def count(status: str) -> int:
+        with sqlite3.connect(settings.data_dir / DB_FILENAME) as conn:
+            row = conn.execute("SELECT count(*) FROM reservations WHERE status = ?", (status,))
+            return int(row.fetchone()[0])
+
+    with TestClient(app) as client:
+        wait_for(lambda: engine.ready)
+        for _ in range(3):
+            received = client.blocking_portal.call(_stream_then_disconnect, app, api_key, 0)
+            assert b"[DONE]" not in b"".join(received)
+        wait_for(lambda: count("pending") == 0, what="the holds to be released")
+        assert count("settled") + count("voided") == 3
+        assert all(f.reason == "cancelled" for f in model.finishes)
+        auth = {"Authorization": f"Bearer {api_key}"}
+        response = client.post("/v1/chat/completions", json={**GOOD, "max_tokens": 2}, headers=auth)
+        assert response.status_code == 200

@@ -5,8 +5,11 @@ and plaintext keys that never leak into logs, files or listings."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -208,6 +211,41 @@ def test_cancelled_stream_is_billed_for_exactly_what_was_generated(server: Billi
     assert listed["prompt_tokens"] == event["prompt_tokens"]
     assert listed["spent"] == billed
     assert listed["balance"] == Decimal(5) - billed
+
+
+def test_clients_gone_before_the_first_byte_leave_no_hold(server: BillingServer) -> None:
+    """Streams whose client hangs up right after sending: every hold is voided or settled,
+    the balance matches the recorded usage, and the key's one concurrency slot is free."""
+    key = server.create_key("hangup", "--credits", "5", "--concurrency", "1")
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": LONG}], "max_tokens": 200, "stream": True}
+    ).encode()
+    host, port = server.base_url.removeprefix("http://").split(":")
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    for _ in range(8):
+        with socket.create_connection((host, int(port))) as conn:
+            conn.sendall(request)
+            conn.shutdown(socket.SHUT_WR)  # hang up before any response byte is read
+        time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while True:
+        listed = server.keys()["hangup"]
+        if listed["reserved"] == 0:
+            break
+        assert time.monotonic() < deadline, f"holds left pending: {listed}"
+        time.sleep(0.1)
+    events = server.usage_events("hangup")
+    billed = sum((Decimal(e["cost"]) for e in events), Decimal(0)) / NANO
+    assert listed["balance"] == Decimal(5) - billed
+    assert listed["spent"] == billed
+    # The single concurrency slot is free again.
+    with httpx.Client(timeout=120) as client:
+        response = server.chat(client, key, SHORT, 4)
+    assert response.status_code == 200, response.text
 
 
 # -- 1. secrets ----------------------------------------------------------------------------------
