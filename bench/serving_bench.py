@@ -424,7 +424,7 @@ class Client:
             "stream_options": {"include_usage": True},
         }
         if self.args.ignore_eos:
-            body["ignore_eos"] = True  # llama-server only; the appliance ignores it
+            body["ignore_eos"] = True  # both servers honour it
         return await asyncio.wait_for(self._chat(body), timeout=self.args.request_timeout)
 
     async def _chat(self, body: dict[str, Any]) -> StreamResult:
@@ -960,8 +960,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ignore-eos",
         action="store_true",
-        help="send ignore_eos (only llama-server honours it: token counts then "
-        "differ whenever the model stops early)",
+        help="send ignore_eos: every stream runs to max_tokens on both servers (use it with "
+        "random-weight models, which stop at different points)",
     )
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument(

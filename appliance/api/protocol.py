@@ -119,6 +119,9 @@ class GenerationFields(msgspec.Struct, kw_only=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repeat_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
+    ignore_eos: bool = False
+    """llama-server / vLLM extension: keep generating past end-of-generation tokens (for
+    benchmarks that need a fixed output length); stop strings and max_tokens still apply."""
     n: Annotated[int, Meta(ge=1, le=1)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -56,6 +56,8 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     """Who asked (an API key's prefix): the queue is fair between owners."""
     deadline: float = 0.0
     """``time.monotonic()`` after which generation ends with ``length``; 0 = none."""
+    ignore_eos: bool = False
+    """Keep generating past end-of-generation tokens (they add no text)."""
 
 
 class TextDelta(msgspec.Struct):

@@ -302,17 +302,20 @@ class BatchScheduler:
         seq.generated += 1
         seq.unreported += 1
         self.stats.tokens_generated += 1
-        if native.is_eog(token):
+        request = seq.job.request
+        eog = native.is_eog(token)
+        if eog and not request.ignore_eos:
             self._finish(slot, "stop")
             return
         seq.last_token = token
-        text = seq.stops.push(seq.decoder.decode(native.token_piece(token)))
+        # An ignored end-of-generation token is fed back but adds no text.
+        piece = b"" if eog else native.token_piece(token)
+        text = seq.stops.push(seq.decoder.decode(piece))
         if seq.stops.stopped:
             self._emit_text(seq, text)
             self._finish(slot, "stop")
             return
         self._emit_text(seq, text)
-        request = seq.job.request
         limit_hit = seq.generated >= request.max_tokens or (
             request.deadline > 0 and time.monotonic() > request.deadline
         )

@@ -152,6 +152,7 @@ class ChatService:
                 max_tokens=max_tokens,
                 sampling=_sampling(request, plan.grammar),
                 stop=stops,
+                ignore_eos=request.ignore_eos,
                 owner=key.prefix if key else "",
                 deadline=time.monotonic() + self.request_timeout if self.request_timeout else 0.0,
             ),

@@ -110,7 +110,7 @@ serve_and_call() {  # MODEL NAME: run the appliance as a user would and call it 
 }
 
 bench() {
-    local ls="$W/build/bin/llama-server" common=(--quick --python python3 --threads 8 --parallel 8)
+    local ls="$W/build/bin/llama-server" common=(--quick --ignore-eos --python python3 --threads 8 --parallel 8)
     timeout "${BENCH_TIMEOUT:-200}" python3 bench/serving_bench.py "${common[@]}" --llama-server "$ls" \
         --model "$A3B" --ctx 16384 --concurrency 1,4,8 --output "$OUT/bench-a3b.json" 2>&1 | tail -45
     say "a3b bench done"

@@ -209,6 +209,27 @@ def test_penalties_and_sampling_knobs_complete_and_server_keeps_serving(
     assert greedy(sdk, e2e_server.model, 5).usage.completion_tokens == 5
 
 
+def test_ignore_eos_generates_exactly_max_tokens(sdk: openai.OpenAI, e2e_server: E2EServer) -> None:
+    short = [{"role": "user", "content": "Reply with just the word yes."}]
+    natural = sdk.chat.completions.create(
+        model=e2e_server.model, messages=short, temperature=0, max_tokens=48
+    )
+    assert natural.choices[0].finish_reason == "stop"
+    assert natural.usage is not None and natural.usage.completion_tokens < 48
+    forced = sdk.chat.completions.create(
+        model=e2e_server.model,
+        messages=short,
+        temperature=0,
+        max_tokens=48,
+        extra_body={"ignore_eos": True},
+    )
+    assert forced.choices[0].finish_reason == "length"
+    assert forced.usage is not None and forced.usage.completion_tokens == 48
+    text = forced.choices[0].message.content or ""
+    assert text.startswith(natural.choices[0].message.content or "")
+    assert "<|im_end|>" not in text and "<|endoftext|>" not in text
+
+
 def test_seed_makes_sampling_reproducible(sdk: openai.OpenAI, e2e_server: E2EServer) -> None:
     def sample(seed: int) -> str:
         result = sdk.chat.completions.create(
