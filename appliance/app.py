@@ -6,11 +6,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any, cast
 
-from litestar import Litestar
+from litestar import Litestar, Request, Response
+from litestar.exceptions import HTTPException
 
 from appliance.admin.pulls import PullManager
 from appliance.admin.setup import build_admin, record_exception
+from appliance.admin.views import admin_exception_handlers
 from appliance.api.chat import chat_completions
 from appliance.api.completions import completions, embeddings
 from appliance.api.errors import exception_handlers
@@ -63,6 +66,17 @@ def build_engine(settings: Settings) -> Engine:
         memory_budget=settings.memory_budget_mb * 1024 * 1024,
         idle_ttl=settings.model_idle_ttl,
     )
+
+
+def _http_error_by_area(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    """404/405 raised before any router matched: an admin page for /admin paths, else JSON."""
+    path = request.url.path
+    admin_area = path == "/admin" or path.startswith("/admin/")
+    handler = cast(
+        Callable[[Request[Any, Any, Any], HTTPException], Response[Any]],
+        (admin_exception_handlers if admin_area else exception_handlers)[HTTPException],
+    )
+    return handler(request, exc)
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory = build_engine) -> Litestar:
@@ -122,6 +136,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             await services.chat.close()
             await db.close()
 
+    handlers: dict[Any, Any] = {**exception_handlers, HTTPException: _http_error_by_area}
     return Litestar(
         route_handlers=[
             health,
@@ -134,7 +149,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = build_engine)
             *admin.route_handlers,
         ],
         lifespan=[lifespan],
-        exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        exception_handlers=handlers,
         after_exception=[record_exception],
         template_config=admin.template_config,
         csrf_config=admin.csrf_config,

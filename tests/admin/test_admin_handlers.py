@@ -280,6 +280,26 @@ def test_bad_query_and_unknown_things_are_html_not_500(admin: AdminClient) -> No
     assert gone.status_code == 200 and gone.text == ""
 
 
+@pytest.mark.parametrize("path", ["/admin/nope", "/admin/keys/a/b/c"])
+def test_unknown_admin_paths_are_an_html_404_and_api_paths_stay_json(
+    anon: AdminClient, path: str
+) -> None:
+    for signed_in in (False, True):
+        if signed_in:
+            assert anon.login().status_code == 303
+        page = anon.http.get(path)
+        assert page.status_code == 404, signed_in
+        assert page.headers["content-type"].startswith("text/html")
+        assert "Not found." in page.text
+    admin = anon
+    wrong_method = admin.http.delete("/admin/live", headers={"x-csrftoken": admin.csrf})
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["content-type"].startswith("text/html")
+    api = admin.http.get("/v1/nope")
+    assert api.status_code == 404
+    assert api.json()["error"]["code"] == "not_found"
+
+
 # -- usage ---------------------------------------------------------------------------------------
 def _record_usage(client: AdminClient, key_name: str, model: str, prompt: int, out: int) -> None:
     summary = client.call(client.services.keys.get, key_name)
