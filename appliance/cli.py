@@ -119,12 +119,21 @@ def _parser() -> argparse.ArgumentParser:
     cset.add_argument("value")
     _add_dirs(cset)
 
-    models = commands.add_parser("models", help="list models").add_subparsers(
+    models = commands.add_parser("models", help="list or pull models").add_subparsers(
         dest="models_command", required=True
     )
     mlist = models.add_parser("list", help="list the GGUF models this box can serve")
     mlist.add_argument("--json", action="store_true", help="print a JSON array")
     _add_dirs(mlist, models=True)
+    pull = models.add_parser(
+        "pull",
+        help="download a GGUF from a URL into the models directory (progress on stderr; "
+        "run again to resume)",
+    )
+    pull.add_argument("url", help="http(s) URL of a .gguf file, e.g. a Hugging Face resolve link")
+    pull.add_argument("--name", default="", help="file name to save as (default: from the URL)")
+    pull.add_argument("--sha256", default="", help="expected SHA-256 of the file")
+    _add_dirs(pull, models=True)
     return parser
 
 
@@ -235,6 +244,9 @@ def _run_prices(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _run_models(args: argparse.Namespace, settings: Settings) -> None:
+    if args.models_command == "pull":
+        _run_pull(args, settings)
+        return
     infos = ModelRegistry(settings.models_dir).scan()
     if args.json:
         print(msgspec.json.encode(infos).decode())
@@ -246,6 +258,23 @@ def _run_models(args: argparse.Namespace, settings: Settings) -> None:
             f"{m.id:40} {m.architecture:12} {m.context_length:>8} "
             f"{m.size_bytes / 1e6:>8.1f}  {source}"
         )
+
+
+def _run_pull(args: argparse.Namespace, settings: Settings) -> None:
+    from appliance.admin.pulls import PullError
+    from appliance.pull_cli import pull_model
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a log line per request breaks the bar
+    try:
+        path = pull_model(settings.models_dir, args.url, filename=args.name, sha256=args.sha256)
+    except PullError as exc:
+        raise CliError(str(exc)) from exc
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
+        raise
+    # Last stdout line: the model id the server will serve it as (scripts read it).
+    print(path)
+    print(path.stem.lower())
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -157,6 +157,8 @@ class FakeEngine:
         self.gets: list[str] = []
         self.unloaded: list[str] = []
         self.model_options: dict[str, dict[str, Any]] = {}
+        self.load_progress = 0.0
+        """What status() reports for the default model while it "loads"."""
         self._created = int(time.time())
 
     @property
@@ -202,6 +204,7 @@ class FakeEngine:
             loaded=list(self.handles) if self.ready else [],
             running=0,
             queued=0,
+            load_progress={} if self.ready else {self.default.id: self.load_progress},
         )
 
     def configure(

@@ -15,6 +15,8 @@ __all__ = ["health"]
 class HealthBody(msgspec.Struct, kw_only=True, omit_defaults=True):
     status: str
     loading: list[str] = msgspec.field(default_factory=list)
+    progress: dict[str, float] = msgspec.field(default_factory=dict)
+    """How far each loading model is (0..1 of its tensors read)."""
     error: str = ""
 
 
@@ -26,6 +28,7 @@ async def health(request: Request[Any, Any, Any]) -> Response[bytes]:
     body = HealthBody(
         status="loading" if not status.error else "error",
         loading=status.loading,
+        progress={k: round(v, 3) for k, v in status.load_progress.items()},
         error=status.error,
     )
     return Response(

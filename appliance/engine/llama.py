@@ -139,6 +139,8 @@ class LlamaEngine:
         self._reaper: asyncio.Task[None] | None = None
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
+        # Written by the loading thread (one float per model id), read by status().
+        self._load_progress: dict[str, float] = {}
         self._ready = False
         self._error = ""
 
@@ -189,6 +191,7 @@ class LlamaEngine:
                 ) from exc
             finally:
                 self._loading.pop(model_id, None)
+                self._load_progress.pop(model_id, None)
             self._loaded[model_id] = loaded
             pending.set_result(loaded)
             return loaded
@@ -208,6 +211,9 @@ class LlamaEngine:
             running=running,
             queued=queued,
             error=self._error,
+            load_progress={
+                k: v for k, v in list(self._load_progress.items()) if k in self._loading
+            },
         )
 
     async def _make_room(self, incoming: ModelInfo) -> None:
@@ -312,7 +318,19 @@ class LlamaEngine:
 
     def _load(self, info: ModelInfo) -> LoadedModel:
         _log.info("loading model %s from %s", info.id, info.path)
-        native = NativeModel(Path(info.path), self._config_for(info.id))
+        started = time.monotonic()
+        logged = 0.0
+
+        def progress(fraction: float) -> None:
+            nonlocal logged
+            self._load_progress[info.id] = fraction
+            # Long loads (big files, slow disks) say how far they are, a line per quarter.
+            if fraction >= logged + 0.25 and time.monotonic() - started > 1.0:
+                logged = fraction - fraction % 0.25
+                _log.info("loading model %s: %d %%", info.id, int(fraction * 100))
+
+        native = NativeModel(Path(info.path), self._config_for(info.id), on_progress=progress)
+        _log.info("loaded model %s in %.1f s", info.id, time.monotonic() - started)
         scheduler = BatchScheduler(native, max_queue=self.max_queue, name=info.id)
         info.loaded = True
         info.context_length = native.n_ctx_seq

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,10 +90,24 @@ def _meta(model: ctypes.c_void_p, key: str) -> str | None:
 class NativeModel:
     """A loaded llama.cpp model with one multi-sequence context."""
 
-    def __init__(self, path: Path, config: NativeModelConfig) -> None:
+    def __init__(
+        self,
+        path: Path,
+        config: NativeModelConfig,
+        on_progress: Callable[[float], None] | None = None,
+    ) -> None:
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = _gpu_layers(path, config)
+        if on_progress is not None:
+            # llama.cpp reports 0..1 while it reads the tensors; the ctypes callback must
+            # stay referenced until the load returns.
+            def report(progress: float, _user: ctypes.c_void_p) -> bool:
+                on_progress(float(progress))
+                return True
+
+            callback = llama_cpp.llama_progress_callback(report)
+            mparams.progress_callback = callback
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise ValueError(f"llama.cpp could not load {path.name}")

@@ -104,6 +104,8 @@ class EngineStatus(msgspec.Struct, kw_only=True):
     running: int
     queued: int
     error: str = ""
+    load_progress: dict[str, float] = msgspec.field(default_factory=dict)
+    """Fraction (0..1) of each loading model's tensors read so far."""
 
 
 class ModelHandle(Protocol):

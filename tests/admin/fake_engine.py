@@ -59,6 +59,8 @@ class AdminFakeEngine:
         self.ready = False
         self.closed = False
         self.load_delay = 0.0
+        self.loading: dict[str, float] = {}
+        """Models shown as loading, with their progress (what LlamaEngine reports)."""
 
     def models(self) -> list[ModelInfo]:
         infos = self.registry.scan()
@@ -103,10 +105,11 @@ class AdminFakeEngine:
         stats = [m.scheduler.stats for m in self._loaded.values()]
         return EngineStatus(
             ready=self.ready,
-            loading=[],
+            loading=sorted(self.loading),
             loaded=sorted(self._loaded),
             running=sum(s.running for s in stats),
             queued=sum(s.queued for s in stats),
+            load_progress=dict(self.loading),
         )
 
     async def unload(self, model_id: str) -> bool:

@@ -403,3 +403,12 @@ def test_live_page_numbers_and_errors(admin: AdminClient) -> None:
     admin.services.errors.record(500, "POST", "/v1/chat/completions", "engine exploded")
     third = admin.http.get("/admin/live").text
     assert "engine exploded" in third and "401 × 1" in third
+
+
+def test_loading_progress_on_the_live_and_models_pages(admin: AdminClient) -> None:
+    engine = admin.services.engine
+    engine.loading = {TINY: 0.42}  # type: ignore[attr-defined]
+    live = admin.http.get("/admin/live", headers={"HX-Request": "true"}).text
+    assert f"Loading {TINY} (42 %)" in live
+    models = admin.http.get("/admin/models").text
+    assert "loading 42 %" in models

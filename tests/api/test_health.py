@@ -16,11 +16,16 @@ def test_health_loading_then_ok(settings: Settings) -> None:
     app = create_app(settings, engine_factory=lambda _: engine)
     with TestClient(app) as client:
         wait_for(lambda: engine.started, what="engine.start() to be called by the lifespan")
-        for _ in range(3):
+        for fraction in (0.0, 0.25, 0.5):
+            engine.load_progress = fraction
             response = client.get("/health")
             assert response.status_code == 503
             assert response.headers["content-type"].startswith("application/json")
-            assert response.json()["status"] == "loading"
+            assert response.json() == {
+                "status": "loading",
+                "loading": [engine.default.id],
+                "progress": {engine.default.id: fraction},
+            }
             assert "Retry-After" in response.headers
 
         engine.release.set()

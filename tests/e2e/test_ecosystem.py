@@ -105,7 +105,13 @@ def unit_norm(vector: list[float]) -> float:
 def test_health_named_the_loading_model_while_it_loaded(server: ApplianceServer) -> None:
     loading = [json.loads(body) for status, body in server.health_seen if status == 503]
     assert loading, f"/health never answered 503 while the model loaded: {server.health_seen}"
-    assert all(b == {"status": "loading", "loading": [MODEL]} for b in loading), loading
+    for body in loading:
+        assert body["status"] == "loading" and body["loading"] == [MODEL], loading
+        assert set(body) <= {"status", "loading", "progress"}, body
+        assert set(body.get("progress", {})) <= {MODEL}, body
+    # llama.cpp's load progress (0..1), once it has reported some, only grows.
+    fractions = [b["progress"][MODEL] for b in loading if MODEL in b.get("progress", {})]
+    assert fractions == sorted(fractions) and all(0 <= f <= 1 for f in fractions), loading
     assert server.health_seen[-1][0] == 200
 
 
