@@ -409,6 +409,11 @@ def test_loading_progress_on_the_live_and_models_pages(admin: AdminClient) -> No
     engine = admin.services.engine
     engine.loading = {TINY: 0.42}  # type: ignore[attr-defined]
     live = admin.http.get("/admin/live", headers={"HX-Request": "true"}).text
-    assert f"Loading {TINY} (42 %)" in live
-    models = admin.http.get("/admin/models").text
-    assert "loading 42 %" in models
+    assert re.search(rf">{TINY}</th><td colspan=\"6\">Loading \(42 %\)", live), live
+    assert "loading 42 %" in admin.http.get("/admin/models").text
+    # Shown beside models already serving, too.
+    engine.loading = {}  # type: ignore[attr-defined]
+    admin.call(engine.get, TINY)
+    engine.loading = {"other-model": 0.9}  # type: ignore[attr-defined]
+    both = admin.http.get("/admin/live", headers={"HX-Request": "true"}).text
+    assert "Loading (90 %)" in both and f">{TINY}</th>" in both
