@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from appliance.engine.registry import ModelRegistry
+from appliance.engine.registry import ModelRegistry, model_id_for
 from appliance.errors import ApplianceError
 from appliance.settings import FIELD_DOCS, Settings, load_settings
 from appliance.store.db import Database
@@ -274,7 +274,7 @@ def _run_pull(args: argparse.Namespace, settings: Settings) -> None:
         raise
     # Last stdout line: the model id the server will serve it as (scripts read it).
     print(path)
-    print(path.stem.lower())
+    print(model_id_for(path))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -15,24 +15,11 @@ from pathlib import Path
 from typing import TextIO
 
 from appliance.admin.pulls import Pull, PullError, PullManager
+from appliance.admin.views import duration, human_bytes
 
 __all__ = ["format_progress", "pull_model"]
 
 _BAR = 24
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"  # pragma: no cover
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def format_progress(pull: Pull) -> str:
@@ -42,12 +29,12 @@ def format_progress(pull: Pull) -> str:
     if fraction is not None:
         filled = int(fraction * _BAR)
         parts.append("[" + "#" * filled + "-" * (_BAR - filled) + f"] {fraction * 100:3.0f} %")
-    amount = _size(pull.received) + (f" of {_size(pull.total)}" if pull.total else "")
+    amount = human_bytes(pull.received) + (f" of {human_bytes(pull.total)}" if pull.total else "")
     parts.append(amount)
     if pull.speed > 0:
-        parts.append(f"{_size(pull.speed)}/s")
+        parts.append(f"{human_bytes(pull.speed)}/s")
     if pull.eta is not None:
-        parts.append(f"ETA {_clock(pull.eta)}")
+        parts.append(f"ETA {duration(pull.eta)}")
     if pull.phase == "verifying":
         parts.append("verifying")
     return "  ".join(parts)
@@ -101,5 +88,5 @@ def pull_model(
     if pull.status != "done":
         raise PullError(pull.error or f"the pull ended as {pull.status}")
     elapsed = time.monotonic() - started
-    print(f"{pull.filename}: {_size(pull.received)} in {elapsed:.1f} s", file=stream)
+    print(f"{pull.filename}: {human_bytes(pull.received)} in {elapsed:.1f} s", file=stream)
     return pull.dest

@@ -27,6 +27,8 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
+from appliance.engine.registry import model_id_for
+
 __all__ = ["Pull", "PullError", "PullManager"]
 
 _log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class Pull:
 
     @property
     def model_id(self) -> str:
-        return self.dest.stem.lower()
+        return model_id_for(self.dest)
 
     @property
     def fraction(self) -> float | None:

@@ -13,8 +13,9 @@ from litestar.response import Stream
 from appliance.api.deps import authenticate, decode_body, services
 from appliance.api.protocol import ChatCompletionRequest
 from appliance.errors import ApplianceError
+from appliance.serving.chat import ChatService, PreparedChat
 
-__all__ = ["chat_completions", "sse"]
+__all__ = ["chat_completions", "event_stream", "sse"]
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -30,6 +31,19 @@ async def sse(chunks: AsyncIterator[msgspec.Struct]) -> AsyncIterator[bytes]:
     yield b"data: [DONE]\n\n"
 
 
+def event_stream(
+    chunks: AsyncIterator[msgspec.Struct], chat: ChatService, prepared: PreparedChat
+) -> Stream:
+    """The SSE response of a prepared request; afterwards its hold is released if the body
+    never started (see ``ChatService.release_unstarted``)."""
+    return Stream(
+        sse(chunks),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+        background=BackgroundTask(chat.release_unstarted, prepared),
+    )
+
+
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     key = await authenticate(request)
@@ -43,11 +57,6 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] |
         raise
     found.metrics.request("chat", prepared.model.id, 200)
     if body.stream:
-        return Stream(
-            sse(chat.stream(prepared)),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-            background=BackgroundTask(chat.release_unstarted, prepared),
-        )
+        return event_stream(chat.stream(prepared), chat, prepared)
     result = await chat.complete(prepared)
     return Response(msgspec.json.encode(result), media_type="application/json")

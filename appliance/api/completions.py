@@ -6,10 +6,9 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, post
-from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
-from appliance.api.chat import SSE_HEADERS, sse
+from appliance.api.chat import event_stream
 from appliance.api.deps import authenticate, decode_body, services
 from appliance.api.protocol_text import CompletionRequest, EmbeddingRequest
 from appliance.errors import ApplianceError
@@ -31,12 +30,7 @@ async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stre
     found.metrics.request("completions", prepared.model.id, 200)
     echo = service.echo_text(body, prepared) if body.echo else ""
     if body.stream:
-        return Stream(
-            sse(service.stream(prepared, echo)),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-            background=BackgroundTask(service.chat.release_unstarted, prepared),
-        )
+        return event_stream(service.stream(prepared, echo), service.chat, prepared)
     result = await service.complete(prepared, echo)
     return Response(msgspec.json.encode(result), media_type="application/json")
 

@@ -211,9 +211,7 @@ class LlamaEngine:
             running=running,
             queued=queued,
             error=self._error,
-            load_progress={
-                k: v for k, v in list(self._load_progress.items()) if k in self._loading
-            },
+            load_progress=dict(self._load_progress),  # entries live exactly while loading
         )
 
     async def _make_room(self, incoming: ModelInfo) -> None:

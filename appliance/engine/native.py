@@ -17,7 +17,7 @@ import llama_cpp
 import numpy as np
 
 from appliance.engine.gguf_meta import GGUFError, read_gguf_metadata
-from appliance.engine.gpufit import ALL_LAYERS, resolve_gpu_layers
+from appliance.engine.gpufit import ALL_LAYERS, gpu_devices, resolve_gpu_layers
 
 __all__ = ["NativeModel", "NativeModelConfig", "Sampler"]
 
@@ -51,19 +51,26 @@ class NativeModelConfig:
     cache_type_v: str = "f16"
 
 
+def _context_per_seq(config: NativeModelConfig, n_ctx_train: int) -> int:
+    """Context per sequence: the configured size, else the training context capped at 8192,
+    never more than the training context."""
+    per_seq = config.ctx_size or min(n_ctx_train or 8192, 8192)
+    return min(per_seq, n_ctx_train) if n_ctx_train else per_seq
+
+
 def _gpu_layers(path: Path, config: NativeModelConfig) -> int:
     """``config.n_gpu_layers``, or for -1 the layers that fit the GPUs' free memory."""
     if config.n_gpu_layers >= 0:
         return config.n_gpu_layers
+    devices = gpu_devices()
+    if not devices:
+        return ALL_LAYERS  # CPU build: nothing to fit, and no header to read for it
     try:
         meta = read_gguf_metadata(path)
     except (OSError, GGUFError):
         return ALL_LAYERS  # llama.cpp's own load reports what is wrong with the file
-    arch = meta.get("general.architecture", "")
-    n_ctx_train = meta.get(f"{arch}.context_length", 0)
-    per_seq = config.ctx_size or min(n_ctx_train or 8192, 8192)
-    if isinstance(n_ctx_train, int) and n_ctx_train:
-        per_seq = min(per_seq, n_ctx_train)
+    n_ctx_train = meta.get(f"{meta.get('general.architecture', '')}.context_length", 0)
+    per_seq = _context_per_seq(config, n_ctx_train if isinstance(n_ctx_train, int) else 0)
     parallel = max(1, config.parallel)
     return resolve_gpu_layers(
         config.n_gpu_layers,
@@ -73,6 +80,7 @@ def _gpu_layers(path: Path, config: NativeModelConfig) -> int:
         n_seq=parallel,
         cache_type_k=config.cache_type_k,
         cache_type_v=config.cache_type_v,
+        devices=devices,
     )
 
 
@@ -113,9 +121,7 @@ class NativeModel:
             raise ValueError(f"llama.cpp could not load {path.name}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
-        per_seq = config.ctx_size or min(self.n_ctx_train or 8192, 8192)
-        if self.n_ctx_train:
-            per_seq = min(per_seq, self.n_ctx_train)
+        per_seq = _context_per_seq(config, self.n_ctx_train)
         parallel = max(1, config.parallel)
         threads = config.threads or (os.cpu_count() or 1)
         cparams = llama_cpp.llama_context_default_params()
