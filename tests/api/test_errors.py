@@ -88,6 +88,8 @@ def test_body_that_is_not_an_object(client: TestClient[Litestar], auth: dict[str
         (with_(presence_penalty=5), "presence_penalty"),
         (with_(frequency_penalty=-3), "frequency_penalty"),
         (with_(stream="yes"), "stream"),
+        (with_(ignore_eos="yes"), "ignore_eos"),
+        (with_(ignore_eos=1), "ignore_eos"),
         (with_(stop=[1, 2]), "stop"),
         (with_(model=7), "model"),
     ],
